@@ -1,0 +1,178 @@
+"""Runs ``LLMEngine`` in a background thread and streams each request's tokens to asyncio callers.
+
+The step loop owns the engine: requests and aborts reach it through a thread-safe inbox and are
+applied between steps, so the scheduler and KV pool are only ever touched by one thread. Torch
+releases the GIL inside kernels, so the event loop stays responsive while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.engine import LLMEngine
+from engine.sampling import SamplingParams
+from engine.sequence import FinishReason, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationChunk:
+    """What one request gained since its previous chunk. ``text`` never contains a stop string."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    completion_tokens: int
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running this request (reported to the caller, never swallowed)."""
+
+
+_Update = tuple[list[int], bool, str | None, int]  # new tokens, finished, reason, cached tokens
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._streams: dict[str, asyncio.Queue[_Update | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._streams)
+
+    # -- requests ----------------------------------------------------------------------------------
+    async def generate(
+        self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[GenerationChunk]:
+        """Stream a request's output. Raises ValueError for a request the engine cannot take
+        (before anything is queued); breaking out of the iteration aborts the request."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        if self._stopping or self._loop is None:
+            raise EngineError("the engine is not running")
+        seq = self.engine.make_sequence(request_id, prompt_ids, sampling)
+        stream: asyncio.Queue[_Update | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._submit("add", seq)
+        decoder = self.tokenizer.incremental_decoder()
+        stops = sampling.stop
+        hold = max((len(s) for s in stops), default=1) - 1  # text that might begin a stop string
+        pending, completion, finished = "", 0, False
+        try:
+            while not finished:
+                update = await stream.get()
+                if isinstance(update, BaseException):
+                    raise update
+                tokens, finished, reason, cached = update
+                completion += len(tokens)
+                pending += decoder.add_many(tokens)
+                if finished:
+                    pending += decoder.flush()
+                if stops:
+                    cut = min((i for s in stops if (i := pending.find(s)) >= 0), default=-1)
+                    if cut >= 0:
+                        pending, finished, reason = pending[:cut], True, FinishReason.STOP.value
+                        self._submit("abort", seq)  # stop string: the engine may be a step ahead
+                text, pending = (pending, "") if finished else _split_hold(pending, hold)
+                yield GenerationChunk(
+                    request_id, tokens, text, finished, reason, len(prompt_ids), cached, completion
+                )
+        finally:
+            if not finished:
+                self._submit("abort", seq)  # the caller went away: free its pages
+            self._streams.pop(request_id, None)
+
+    def _submit(self, kind: str, seq: Sequence) -> None:
+        self._inbox.put((kind, seq))
+        self._wakeup.set()
+
+    # -- the step loop (engine thread) ---------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stopping:
+            self._apply_inbox()
+            if not engine.scheduler.has_work():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                updated = engine.step()
+            except Exception as exc:  # reported to every affected caller, then go on
+                log.exception("engine step failed; failing the running requests")
+                self._fail_all(EngineError(f"engine step failed: {exc}"))
+                continue
+            self._publish([(s.request_id, self._update(s)) for s in updated])
+        self._fail_all(EngineError("the engine is shutting down"))
+
+    def _apply_inbox(self) -> None:
+        while True:
+            try:
+                kind, seq = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self.engine.add(seq)
+            elif not seq.finished:
+                self.engine.abort(seq)
+                self._publish([(seq.request_id, ([], True, FinishReason.ABORT.value, seq.num_cached_prompt))])
+
+    @staticmethod
+    def _update(seq: Sequence) -> _Update:
+        reason = seq.finish_reason.value if seq.finish_reason else None
+        return [seq.output_ids[-1]], seq.finished, reason, seq.num_cached_prompt
+
+    def _fail_all(self, error: EngineError) -> None:
+        sched = self.engine.scheduler
+        failed = list(sched.running) + list(sched.waiting)
+        for seq in failed:
+            self.engine.abort(seq)
+        self._publish([(seq.request_id, error) for seq in failed])
+
+    def _publish(self, items: list[tuple[str, _Update | BaseException]]) -> None:
+        if items and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, items)
+
+    def _deliver(self, items: list[tuple[str, _Update | BaseException]]) -> None:
+        for request_id, update in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.put_nowait(update)
+
+
+def _split_hold(text: str, hold: int) -> tuple[str, str]:
+    """Emit all but the last ``hold`` characters, which could be the start of a stop string."""
+    if hold <= 0 or not text:
+        return text, ""
+    return text[:-hold], text[-hold:]

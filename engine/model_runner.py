@@ -1,0 +1,108 @@
+"""Turns a scheduled batch into tensors, runs the model once, samples. Owns the KV tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.models.attention import AttentionBatch, DecodeGroup, KVCache, PrefillSegment
+from engine.models.llama import LlamaForCausalLM
+from engine.sampling import Sampler
+from engine.scheduler import Batch
+from engine.sequence import Sequence
+
+
+def allocate_kv(model: LlamaForCausalLM, num_pages: int, page_size: int, dtype: torch.dtype) -> KVCache:
+    cfg = model.config
+    shape = (cfg.num_layers, num_pages * page_size, cfg.num_kv_heads, cfg.head_dim)
+    device = model.embed_tokens.weight.device
+    return KVCache(
+        torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+    )
+
+
+def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
+    cfg = model.config
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, kv: KVCache, page_size: int) -> None:
+        self.model = model
+        self.kv = kv
+        self.page_size = page_size
+        self.device = model.embed_tokens.weight.device
+        self.sampler = Sampler(self.device)
+        self._offsets = np.arange(page_size, dtype=np.int64)
+
+    def _slots(self, seq: Sequence, end: int) -> np.ndarray:
+        """Slots of tokens ``0 .. end-1`` of ``seq``."""
+        pages = np.asarray(seq.pages[: -(-end // self.page_size)], dtype=np.int64)
+        return (pages[:, None] * self.page_size + self._offsets).reshape(-1)[:end]
+
+    def prepare(
+        self, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor, list[Sequence]]:
+        ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slot_mapping: list[np.ndarray] = []
+        prefills: list[PrefillSegment] = []
+        decode_rows: list[int] = []
+        decode_slots: list[np.ndarray] = []
+        logits_rows: list[int] = []
+        sampled: list[Sequence] = []
+        row = 0
+        for chunk in batch.chunks:
+            seq, start, n = chunk.seq, chunk.start, chunk.length
+            end = start + n
+            ids.extend(seq.token_ids[start:end])
+            positions.append(np.arange(start, end, dtype=np.int64))
+            slots = self._slots(seq, end)
+            slot_mapping.append(slots[start:])
+            if n == 1 and start > 0:
+                decode_rows.append(row)
+                decode_slots.append(slots)
+            else:
+                mask = None
+                if start > 0:  # cached prefix: query i sits at position start+i and sees keys <= it
+                    mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+                    mask = mask.to(self.device)
+                prefills.append(PrefillSegment(row, n, torch.from_numpy(slots).to(self.device), mask))
+            if chunk.samples:
+                logits_rows.append(row + n - 1)
+                sampled.append(seq)
+            row += n
+
+        decode = None
+        if decode_rows:
+            lengths = np.array([len(s) for s in decode_slots])
+            padded = np.zeros((len(decode_slots), lengths.max()), dtype=np.int64)
+            for r, s in enumerate(decode_slots):
+                padded[r, : len(s)] = s
+            mask = None
+            if (lengths != lengths.max()).any():
+                mask = torch.from_numpy(np.arange(lengths.max())[None, :] < lengths[:, None])[
+                    :, None, None, :
+                ]
+                mask = mask.to(self.device)
+            decode = DecodeGroup(
+                torch.tensor(decode_rows, device=self.device), torch.from_numpy(padded).to(self.device), mask
+            )
+        attn = AttentionBatch(
+            torch.from_numpy(np.concatenate(slot_mapping)).to(self.device), prefills, decode
+        )
+        return (
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.from_numpy(np.concatenate(positions)).to(self.device),
+            attn,
+            torch.tensor(logits_rows, dtype=torch.long, device=self.device),
+            sampled,
+        )
+
+    def run(self, batch: Batch) -> dict[Sequence, int]:
+        input_ids, positions, attn, logits_rows, sampled = self.prepare(batch)
+        logits = self.model(input_ids, positions, attn, self.kv, logits_rows)
+        if not sampled:  # only partial prefill chunks this step: KV is written, nothing to sample
+            return {}
+        tokens = self.sampler.sample(logits, [s.sampling for s in sampled], [s.request_id for s in sampled])
+        return dict(zip(sampled, tokens, strict=True))

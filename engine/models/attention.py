@@ -1,0 +1,90 @@
+"""Attention over a paged KV cache, in plain torch (SDPA), for mixed prefill-chunk + decode batches.
+
+Layout: the KV pool is ``[layers, num_slots, kv_heads, head_dim]`` for K and for V, where
+``slot = page * page_size + offset``. A sequence's KV lives in the slots of its pages, in order;
+the runner turns page tables into slot indices once per step (``AttentionBatch``), so each layer
+only does an ``index_copy_`` (write) and a gather (read).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [L, num_slots, KVH, D]
+    v: torch.Tensor  # [L, num_slots, KVH, D]
+
+
+@dataclass
+class PrefillSegment:
+    """One sequence's chunk of new tokens (a prefill chunk, or any multi-token step)."""
+
+    start: int  # first row of this sequence in the packed token stream
+    length: int  # Q: new tokens
+    kv_slots: torch.Tensor  # [K] slots of all its tokens so far, cached prefix + the new ones
+    mask: torch.Tensor | None  # [Q, K] bool, None when K == Q (plain causal)
+
+
+@dataclass
+class DecodeGroup:
+    """Single-token steps of many sequences, batched into one SDPA call."""
+
+    rows: torch.Tensor  # [B] rows of the packed token stream
+    kv_slots: torch.Tensor  # [B, Kmax] slots, padded with slot 0
+    mask: torch.Tensor | None  # [B, 1, 1, Kmax] bool (True = attend); None when no padding
+
+
+@dataclass
+class AttentionBatch:
+    slot_mapping: torch.Tensor  # [T] where each new token's K/V is written
+    prefills: list[PrefillSegment]
+    decode: DecodeGroup | None
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,  # [T, KVH, D]
+    kv: KVCache,
+    layer: int,
+    batch: AttentionBatch,
+) -> torch.Tensor:
+    k_cache, v_cache = kv.k[layer], kv.v[layer]
+    k_cache.index_copy_(0, batch.slot_mapping, k)
+    v_cache.index_copy_(0, batch.slot_mapping, v)
+    H, D = q.shape[1:]
+    KVH = k.shape[1]
+    out = torch.empty_like(q)
+
+    for seg in batch.prefills:
+        rows = slice(seg.start, seg.start + seg.length)
+        if seg.mask is None:  # no cached prefix: attend to the fresh K/V directly, no gather
+            keys, values = k[rows], v[rows]
+        else:
+            keys, values = k_cache[seg.kv_slots], v_cache[seg.kv_slots]
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1),  # [H, Q, D]
+            keys.transpose(0, 1),  # [KVH, K, D]
+            values.transpose(0, 1),
+            attn_mask=seg.mask,
+            is_causal=seg.mask is None,
+            enable_gqa=True,
+        )
+        out[rows] = o.transpose(0, 1)
+
+    if batch.decode is not None:
+        group = batch.decode
+        B = group.rows.shape[0]
+        # GQA without repeating K/V: the G query heads of one KV head become G "query positions".
+        # All of them sit at the same position, so one key mask serves them all.
+        qd = q[group.rows].view(B, KVH, H // KVH, D)  # [B, KVH, G, D]
+        keys = k_cache[group.kv_slots].transpose(1, 2)  # [B, KVH, Kmax, D]
+        values = v_cache[group.kv_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=group.mask)
+        out[group.rows] = o.reshape(B, H, D)
+    return out

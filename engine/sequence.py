@@ -1,0 +1,56 @@
+"""A request's state as the scheduler and runner see it: token ids, progress and pages."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from engine.kv.prefix_cache import Node
+from engine.sampling import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the context length
+    ABORT = "abort"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    eos_token_ids: frozenset[int] = frozenset()
+    max_total_tokens: int = 1 << 30  # context length: prompt + output never exceed it
+    output_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: FinishReason | None = None
+    pages: list[int] = field(default_factory=list)  # KV pages in token order
+    num_computed: int = 0  # leading tokens whose KV is in ``pages``
+    num_cached_prompt: int = 0  # prompt tokens that came from the prefix cache (first admission)
+    cache_node: Node | None = None  # locked prefix-cache node covering pages[:num_tree_pages]
+    num_tree_pages: int = 0  # leading pages owned by the prefix cache
+    admitted: bool = False  # set once: cached-token accounting is for the first admission only
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def in_prefill(self) -> bool:
+        """More than one token still lacks KV (after a preemption this includes output tokens)."""
+        return self.num_tokens - self.num_computed > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
