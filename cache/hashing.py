@@ -1,0 +1,104 @@
+"""Chained block hashes over token ids: the names of KV blocks shared by the gateway and the engine.
+
+Stable format, version 1 (do not change without bumping ``FORMAT_VERSION`` and the namespace tag):
+
+* ``H`` is xxHash XXH3 64-bit with seed 0 (``xxhash.xxh3_64_intdigest``); hashes are unsigned 64-bit ints.
+* Namespace bytes: ``b"prefixgate/kv/v1" || u32le(len(m)) || m || u32le(len(s)) || s`` where ``m`` is the
+  model id and ``s`` the tenant salt, both UTF-8. The length prefixes make the encoding unambiguous, so
+  ("ab", "c") and ("a", "bc") never collide by construction.
+* ``h_0 = H(namespace bytes)`` (``namespace_seed``). ``h_0`` names no block; it is the chain's root.
+* ``h_i = H(u64le(h_{i-1}) || u32le(t_{(i-1)B}) || ... || u32le(t_{iB-1}))`` for block ``i >= 1`` of ``B``
+  (block size) tokens. Only full blocks are hashed; a trailing partial block gets no hash.
+
+Because every hash folds in its parent, ``h_i`` identifies the whole prefix ``t_0 .. t_{iB-1}`` in its
+namespace: equal hashes mean equal prefixes (up to 64-bit collisions), which is what lets the radix index be a
+flat dict keyed by hash. Tenants with different salts get disjoint hash spaces and cannot probe each other.
+
+This module is imported by the engine to name its KV blocks in KV events, so it stays torch-free and depends
+only on xxhash (and numpy when handed an ndarray).
+"""
+
+from __future__ import annotations
+
+import array
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import xxhash
+
+FORMAT_VERSION = 1
+DEFAULT_BLOCK_SIZE = 16
+_NAMESPACE_TAG = b"prefixgate/kv/v1"
+
+_xxh3 = xxhash.xxh3_64_intdigest
+
+# array("I") is the fastest way from a Python list of ints to packed u32 (about 3x faster than
+# np.asarray on a list); it is native-endian, so big-endian hosts byte-swap. "I" is 4 bytes on every
+# platform CPython supports, asserted rather than assumed.
+assert array.array("I").itemsize == 4
+_NATIVE_LITTLE = sys.byteorder == "little"
+
+
+def namespace_seed(model_id: str, tenant_salt: str = "") -> int:
+    """Return ``h_0`` for a model and tenant: the root every block chain of theirs starts from."""
+    model = model_id.encode("utf-8")
+    salt = tenant_salt.encode("utf-8")
+    payload = b"".join(
+        (_NAMESPACE_TAG, len(model).to_bytes(4, "little"), model, len(salt).to_bytes(4, "little"), salt)
+    )
+    return _xxh3(payload)
+
+
+def tokens_to_u32le(token_ids: Sequence[int] | np.ndarray) -> bytes:
+    """Pack token ids as contiguous u32 little-endian; raises OverflowError/ValueError outside [0, 2**32)."""
+    if isinstance(token_ids, np.ndarray):
+        if token_ids.size and (token_ids.min() < 0 or token_ids.max() > 0xFFFFFFFF):
+            raise ValueError("token ids must fit in u32")
+        return np.ascontiguousarray(token_ids, dtype="<u4").tobytes()
+    packed = array.array("I", token_ids)
+    if not _NATIVE_LITTLE:
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def block_hashes(
+    token_ids: Sequence[int] | np.ndarray,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    *,
+    seed: int,
+    parent: int | None = None,
+) -> list[int]:
+    """Chained hashes of the full blocks of ``token_ids``: ``[h_1, ..., h_n]`` with ``n = len // block_size``.
+
+    ``seed`` is the namespace root (``namespace_seed(model_id, tenant_salt)``). To continue an existing
+    chain (e.g. hash only the reply appended after a prompt whose last block hash is known), pass that hash
+    as ``parent``: the chain then starts from it instead of ``seed``, and ``token_ids`` must start at a block
+    boundary. ``block_hashes(a + b, seed=s) == x + block_hashes(b, seed=s, parent=x[-1])`` when
+    ``len(a) % block_size == 0`` and ``x = block_hashes(a, seed=s)``.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    n_blocks = len(token_ids) // block_size
+    if n_blocks == 0:
+        return []
+    step = block_size * 4
+    data = tokens_to_u32le(token_ids[: n_blocks * block_size])
+    h = seed if parent is None else parent
+    out: list[int] = []
+    append = out.append
+    # Hot loop (~200 ns/block): one concat + one xxh3 call per block; kept deliberately minimal.
+    for offset in range(0, n_blocks * step, step):
+        h = _xxh3(h.to_bytes(8, "little") + data[offset : offset + step])
+        append(h)
+    return out
+
+
+def prompt_block_hashes(
+    token_ids: Sequence[int] | np.ndarray,
+    model_id: str,
+    tenant_salt: str = "",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> list[int]:
+    """Convenience: ``block_hashes`` rooted at ``namespace_seed(model_id, tenant_salt)``."""
+    return block_hashes(token_ids, block_size, seed=namespace_seed(model_id, tenant_salt))

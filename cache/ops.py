@@ -1,0 +1,124 @@
+"""Index mutations as data: what the index log (in-process or a Redis Stream) carries between replicas.
+
+Every op is an assignment to holder bits (worker, block, tier) -> held/not held; replaying a log in order
+therefore yields the same match results on every replica, and re-applying an op a replica already applied
+optimistically is harmless as long as the replay is in log order. Approximate expiries are absolute wall
+times, and a re-insert keeps the later one, so they commute too.
+
+Wire format (msgpack array, version 1): ``[kind, worker, ...]`` with kind one of
+``"S"`` stored ``[.., parent | None, hashes, tier]``, ``"R"`` removed ``[.., hashes, tier]``,
+``"C"`` cleared ``[..]``, ``"G"`` worker gone ``[..]``, ``"A"`` approximate ``[.., parent | None, hashes,
+expires_at]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+import msgpack
+
+from cache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from cache.radix_index import RadixIndex
+from cache.tiers import Tier, tier_from_medium
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOp:
+    worker: str
+    parent_hash: int | None
+    hashes: list[int]
+    tier: Tier = Tier.DEVICE
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedOp:
+    worker: str
+    hashes: list[int]
+    tier: Tier = Tier.DEVICE
+
+
+@dataclass(frozen=True, slots=True)
+class ClearedOp:
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerGoneOp:
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApproxOp:
+    worker: str
+    parent_hash: int | None
+    hashes: list[int]
+    expires_at: float
+
+
+IndexOp: TypeAlias = StoredOp | RemovedOp | ClearedOp | WorkerGoneOp | ApproxOp
+
+
+def apply_op(index: RadixIndex, op: IndexOp) -> None:
+    if isinstance(op, StoredOp):
+        index.stored(op.worker, op.parent_hash, op.hashes, op.tier)
+    elif isinstance(op, RemovedOp):
+        index.removed(op.worker, op.hashes, op.tier)
+    elif isinstance(op, ClearedOp):
+        index.cleared(op.worker)
+    elif isinstance(op, WorkerGoneOp):
+        index.remove_worker(op.worker)
+    elif isinstance(op, ApproxOp):
+        index.insert_approximate(op.worker, op.parent_hash, op.hashes, op.expires_at)
+    else:
+        raise TypeError(f"not an index op: {op!r}")
+
+
+def ops_from_event(worker: str, event: KVEvent) -> IndexOp:
+    """A worker's KV event -> the index op it implies."""
+    if isinstance(event, BlockStored):
+        return StoredOp(worker, event.parent_block_hash, event.block_hashes, tier_from_medium(event.medium))
+    if isinstance(event, BlockRemoved):
+        return RemovedOp(worker, event.block_hashes, tier_from_medium(event.medium))
+    if isinstance(event, AllBlocksCleared):
+        return ClearedOp(worker)
+    raise TypeError(f"not a KV event: {event!r}")
+
+
+def encode_op(op: IndexOp) -> bytes:
+    body: list[Any]
+    if isinstance(op, StoredOp):
+        body = ["S", op.worker, op.parent_hash, op.hashes, int(op.tier)]
+    elif isinstance(op, RemovedOp):
+        body = ["R", op.worker, op.hashes, int(op.tier)]
+    elif isinstance(op, ClearedOp):
+        body = ["C", op.worker]
+    elif isinstance(op, WorkerGoneOp):
+        body = ["G", op.worker]
+    elif isinstance(op, ApproxOp):
+        body = ["A", op.worker, op.parent_hash, op.hashes, op.expires_at]
+    else:
+        raise TypeError(f"not an index op: {op!r}")
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode_op(data: bytes) -> IndexOp:
+    """Inverse of ``encode_op``. Raises ValueError on anything else."""
+    body = msgpack.unpackb(data, raw=False)
+    if not isinstance(body, list) or not body:
+        raise ValueError("index op must be a non-empty array")
+    kind, rest = body[0], body[1:]
+    try:
+        if kind == "S":
+            return StoredOp(rest[0], rest[1], list(rest[2]), Tier(rest[3]))
+        if kind == "R":
+            return RemovedOp(rest[0], list(rest[1]), Tier(rest[2]))
+        if kind == "C":
+            return ClearedOp(rest[0])
+        if kind == "G":
+            return WorkerGoneOp(rest[0])
+        if kind == "A":
+            return ApproxOp(rest[0], rest[1], list(rest[2]), float(rest[3]))
+    except (IndexError, TypeError) as exc:
+        raise ValueError(f"malformed index op {kind!r}: {exc}") from exc
+    raise ValueError(f"unknown index op kind {kind!r}")
