@@ -6,6 +6,7 @@ The gateway imports this to count and hash prompt tokens exactly as the worker w
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,7 @@ def _chat_template_from_config(directory: Path, tokenizer_config: dict[str, Any]
     return template
 
 
+@functools.lru_cache(maxsize=16)  # a pure memo: compiling costs ~1 ms, rendering far less
 def _compile_chat_template(source: str) -> jinja2.Template:
     """Compile as transformers does, so prompts render byte-identically to ``apply_chat_template``."""
 
