@@ -1,0 +1,366 @@
+"""RedisIndexStore: gateway replicas share the index log, registry, session pins and counters in Redis.
+
+Keys (all under ``key_prefix``): ``log`` Stream of index ops (field ``op`` = ``cache.ops`` msgpack);
+``epoch`` token of the current Redis "generation"; ``snapshot`` msgpack ``{epoch, covered, index}`` where
+``covered`` is the last stream id folded into the index; ``snapshot:covered``; ``log:trimmed`` (the MINID the
+log was last trimmed to); ``snapshot:lock``; ``workers`` hash; ``counters`` hash; ``pin:<session>``.
+
+Protocol:
+* Every replica applies each op locally at once (``append``), queues it, and XADDs the queue in order;
+  a tail task XREADs the log from the last applied id and applies everything, its own ops included.
+  Ops are bit assignments, so the replay after the optimistic apply lands every replica on the state of
+  "the log in stream order" (see ``cache.ops``).
+* Snapshots: a replica that holds ``snapshot:lock`` writes its index with the id it covers, then trims the
+  log to the *previous* snapshot's id, so a slightly lagging replica still finds its next entry. A replica
+  whose last id is below ``log:trimmed``, or that starts fresh, loads the snapshot and tails from there.
+* Redis loss: ``epoch`` missing means Redis came back empty. The first replica to SET NX a new epoch seeds
+  it with a snapshot of its own index; the others load that snapshot (their queued ops follow in the log).
+* Any Redis error: the replica keeps serving from its local index and local fallbacks, ``status`` is
+  "degraded", and the tail task retries until it has re-synced. Nothing raises into callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import msgpack
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from cache.ops import IndexOp, WorkerGoneOp, apply_op, decode_op, encode_op
+from cache.radix_index import RadixIndex, RadixIndexConfig
+from cache.snapshot import dump_index, load_index
+from cache.store import IndexStore, LocalState, StoreStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RedisStoreConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "prefixgate:"
+    op_timeout_s: float = 0.5  # per command; a slower Redis counts as down
+    poll_block_ms: int = 100
+    read_batch: int = 1000
+    snapshot_every_ops: int = 50_000
+    snapshot_interval_s: float = 300.0
+    max_pending_ops: int = 100_000  # ops queued while Redis is down; beyond this the oldest are dropped
+    retry_interval_s: float = 0.25
+
+
+class _NotReady(Exception):
+    """Redis is up but another replica has not finished seeding it yet; retry shortly."""
+
+
+def _id_lt(a: str, b: str) -> bool:
+    a_ms, _, a_seq = a.partition("-")
+    b_ms, _, b_seq = b.partition("-")
+    return (int(a_ms), int(a_seq or 0)) < (int(b_ms), int(b_seq or 0))
+
+
+def _s(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RedisIndexStore(IndexStore):
+    def __init__(
+        self,
+        config: RedisStoreConfig,
+        index_config: RadixIndexConfig | None = None,
+        replica_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.replica_id = replica_id or uuid.uuid4().hex[:12]
+        self._index_config = index_config
+        self._index = RadixIndex(index_config)
+        self._local = LocalState()
+        p = config.key_prefix
+        self._k_log, self._k_epoch, self._k_snapshot = p + "log", p + "epoch", p + "snapshot"
+        self._k_covered, self._k_trimmed, self._k_lock = (
+            p + "snapshot:covered",
+            p + "log:trimmed",
+            p + "snapshot:lock",
+        )
+        self._k_workers, self._k_counters, self._k_pin = p + "workers", p + "counters", p + "pin:"
+        no_retry = Retry(NoBackoff(), 0)  # fail fast: the caller's fallback is better than a stall
+        timeout = config.op_timeout_s
+        self._redis = Redis.from_url(
+            config.url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=no_retry
+        )
+        self._tail = Redis.from_url(
+            config.url,
+            socket_timeout=timeout + config.poll_block_ms / 1000,
+            socket_connect_timeout=timeout,
+            retry=no_retry,
+        )
+        self._pending: deque[bytes] = deque()  # encoded ops applied locally, not yet in the log, in order
+        self._counter_deltas: Counter[str] = Counter()  # increments Redis has not seen yet
+        self._last_counters: dict[str, int] = {}
+        self._flush_lock = asyncio.Lock()
+        self._epoch: str | None = None
+        self._last_id = "0-0"
+        self._synced = False
+        self._task: asyncio.Task[None] | None = None
+        self._ops_since_snapshot = 0
+        self._last_snapshot_at = time.monotonic()
+        self.last_error: str | None = "not started"
+        self._outage_logged = False
+        self.dropped_ops = 0
+
+    # ---- IndexStore ------------------------------------------------------------------------------------
+    @property
+    def index(self) -> RadixIndex:
+        return self._index
+
+    @property
+    def status(self) -> StoreStatus:
+        return "healthy" if self._synced else "degraded"
+
+    @property
+    def last_applied_id(self) -> str:
+        return self._last_id
+
+    async def start(self) -> None:
+        with contextlib.suppress(Exception):  # a failure here is recorded by _degrade and retried by _run
+            await self._guard(self._sync())
+        self._task = asyncio.create_task(self._run(), name=f"redis-index-tail-{self.replica_id}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._synced:
+            await self._guard(self._flush())
+        for client in (self._redis, self._tail):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    async def append_many(self, ops: Iterable[IndexOp]) -> None:
+        for op in ops:
+            apply_op(self._index, op)
+            self._pending.append(encode_op(op))
+        while len(self._pending) > self.config.max_pending_ops:
+            self._pending.popleft()
+            self.dropped_ops += 1  # other replicas will miss this op: their views may differ until cleared
+        if self._synced:
+            await self._guard(self._flush())
+
+    async def register_worker(self, worker_id: str, info: dict[str, Any]) -> None:
+        self._local.workers[worker_id] = dict(info)
+        await self._guard(self._redis.hset(self._k_workers, worker_id, msgpack.packb(info)))
+
+    async def unregister_worker(self, worker_id: str) -> None:
+        self._local.workers.pop(worker_id, None)
+        await self._guard(self._redis.hdel(self._k_workers, worker_id))
+        await self.append(WorkerGoneOp(worker_id))
+
+    async def workers(self) -> dict[str, dict[str, Any]]:
+        raw = await self._guard(self._redis.hgetall(self._k_workers))
+        if raw is None:
+            return dict(self._local.workers)
+        return {_s(k): msgpack.unpackb(v) for k, v in raw.items()}  # type: ignore[misc]
+
+    async def pin_session(self, session_id: str, worker_id: str, ttl_s: float) -> None:
+        self._local.pin(session_id, worker_id, ttl_s)  # kept locally too: the fallback while degraded
+        await self._guard(self._redis.set(self._k_pin + session_id, worker_id, px=max(1, int(ttl_s * 1000))))
+
+    async def pinned_worker(self, session_id: str) -> str | None:
+        value = await self._guard(self._redis.get(self._k_pin + session_id))
+        return _s(value) or self._local.pinned(session_id)
+
+    async def incr(self, counter: str, amount: int = 1) -> None:
+        self._local.counters[counter] += amount
+        if await self._guard(self._redis.hincrby(self._k_counters, counter, amount)) is None:
+            self._counter_deltas[counter] += amount  # flushed on re-sync
+
+    async def counters(self) -> dict[str, int]:
+        raw = await self._guard(self._redis.hgetall(self._k_counters))
+        if raw is not None:
+            self._last_counters = {_s(k): int(v) for k, v in raw.items()}  # type: ignore[misc]
+        merged = Counter(self._last_counters)
+        merged.update(self._counter_deltas)
+        return dict(merged)
+
+    # ---- replication -----------------------------------------------------------------------------------
+    async def caught_up(self) -> bool:
+        """True when healthy, nothing is queued, and every op in the log has been applied here."""
+        if not self._synced or self._pending:
+            return False
+        last = await self._guard(self._redis.xrevrange(self._k_log, "+", "-", count=1))
+        if last is None:
+            return False
+        return not last or _s(last[0][0]) == self._last_id
+
+    async def write_snapshot(self) -> bool:
+        """Write a snapshot of this replica's index now (if healthy); returns whether it was written."""
+        if not self._synced:
+            return False
+        return bool(await self._guard(self._write_snapshot()))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                if not self._synced:
+                    await self._sync()
+                epoch, trimmed = (
+                    await self._redis.pipeline(transaction=False)
+                    .get(self._k_epoch)
+                    .get(self._k_trimmed)
+                    .execute()
+                )
+                if _s(epoch) != self._epoch or (trimmed is not None and _id_lt(self._last_id, _s(trimmed))):  # type: ignore[arg-type]
+                    self._synced = False  # Redis lost its data, or the log was trimmed past us
+                    continue
+                if self._pending:
+                    await self._flush()
+                reply = await self._tail.xread(
+                    {self._k_log: self._last_id},
+                    count=self.config.read_batch,
+                    block=self.config.poll_block_ms,
+                )
+                for _stream, entries in reply or ():
+                    for entry_id, fields in entries:
+                        self._apply_entry(_s(entry_id), fields)  # type: ignore[arg-type]
+                await self._maybe_snapshot()
+            except asyncio.CancelledError:
+                raise
+            except _NotReady:
+                await asyncio.sleep(self.config.retry_interval_s)
+            except Exception as exc:
+                self._degrade(exc)
+                await asyncio.sleep(self.config.retry_interval_s)
+
+    def _apply_entry(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        self._last_id = entry_id
+        self._ops_since_snapshot += 1
+        try:
+            op = decode_op(fields[b"op"])
+        except (KeyError, ValueError) as exc:
+            logger.warning("skipping malformed index log entry %s: %s", entry_id, exc)
+            return
+        apply_op(self._index, op)
+
+    async def _sync(self) -> None:
+        r = self._redis
+        epoch = _s(await r.get(self._k_epoch))
+        if epoch is None:
+            token = uuid.uuid4().hex
+            if await r.set(self._k_epoch, token, nx=True):
+                # Redis is empty (first start, or it lost its data): seed it from this replica's index.
+                last = await r.xrevrange(self._k_log, "+", "-", count=1)
+                self._epoch, self._last_id = token, _s(last[0][0]) if last else "0-0"  # type: ignore[assignment]
+                await r.delete(self._k_covered, self._k_trimmed)
+                await self._write_snapshot()
+                logger.info("replica %s seeded Redis index state (epoch %s)", self.replica_id, token)
+                await self._finish_sync()
+                return
+            epoch = _s(await r.get(self._k_epoch))
+        trimmed = _s(await r.get(self._k_trimmed))
+        if epoch != self._epoch or (trimmed is not None and _id_lt(self._last_id, trimmed)):
+            await self._load_snapshot(epoch)  # type: ignore[arg-type]
+        await self._finish_sync()
+
+    async def _finish_sync(self) -> None:
+        await self._flush()
+        for worker_id, info in self._local.workers.items():
+            await self._redis.hset(self._k_workers, worker_id, msgpack.packb(info))
+        while self._counter_deltas:
+            counter, amount = self._counter_deltas.popitem()
+            await self._redis.hincrby(self._k_counters, counter, amount)
+        if self._outage_logged:
+            logger.info("replica %s: Redis available again, caught up at %s", self.replica_id, self._last_id)
+        self._synced, self.last_error, self._outage_logged = True, None, False
+
+    async def _load_snapshot(self, epoch: str) -> None:
+        blob = await self._redis.get(self._k_snapshot)
+        if blob is None:
+            raise _NotReady("no snapshot yet")
+        meta = msgpack.unpackb(blob, raw=False)
+        if meta["epoch"] != epoch:
+            raise _NotReady("snapshot from an older epoch")
+        # Ops this replica queued but never logged stay queued; they are re-applied when read back.
+        self._index = load_index(meta["index"], self._index_config)
+        self._epoch, self._last_id = epoch, meta["covered"]
+        self._ops_since_snapshot = 0
+        logger.info(
+            "replica %s loaded snapshot covering %s (%d blocks)",
+            self.replica_id,
+            self._last_id,
+            len(self._index),
+        )
+
+    async def _write_snapshot(self) -> bool:
+        r = self._redis
+        previous = _s(await r.get(self._k_covered))
+        if previous is not None and _id_lt(self._last_id, previous):
+            return False  # someone already snapshotted further than this replica has read
+        blob = msgpack.packb(
+            {"epoch": self._epoch, "covered": self._last_id, "index": dump_index(self._index)}
+        )
+        pipe = r.pipeline(transaction=True)
+        pipe.set(self._k_snapshot, blob).set(self._k_covered, self._last_id)
+        if previous is not None and previous != "0-0":
+            pipe.xtrim(self._k_log, minid=previous, approximate=False).set(self._k_trimmed, previous)
+        await pipe.execute()
+        self._ops_since_snapshot, self._last_snapshot_at = 0, time.monotonic()
+        return True
+
+    async def _maybe_snapshot(self) -> None:
+        due = self._ops_since_snapshot >= self.config.snapshot_every_ops or (
+            self._ops_since_snapshot
+            and time.monotonic() - self._last_snapshot_at >= self.config.snapshot_interval_s
+        )
+        if not due:
+            return
+        self._ops_since_snapshot, self._last_snapshot_at = 0, time.monotonic()
+        if await self._redis.set(self._k_lock, self.replica_id, nx=True, px=30_000):
+            try:
+                await self._write_snapshot()
+            finally:
+                await self._redis.delete(self._k_lock)
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            while self._pending:
+                batch = list(islice(self._pending, 0, 500))
+                pipe = self._redis.pipeline(transaction=False)
+                for data in batch:
+                    pipe.xadd(self._k_log, {"op": data})
+                await (
+                    pipe.execute()
+                )  # on failure the batch stays queued; a partial XADD is re-sent (harmless)
+                for _ in batch:
+                    self._pending.popleft()
+
+    async def _guard(self, awaitable: Any) -> Any:
+        """Await a Redis call; on failure log, mark degraded and return None instead of raising."""
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            raise
+        except _NotReady:
+            return None
+        except Exception as exc:
+            self._degrade(exc)
+            return None
+
+    def _degrade(self, exc: BaseException) -> None:
+        if self._synced or not self._outage_logged:
+            self._outage_logged = True
+            logger.warning(
+                "replica %s: Redis unavailable (%r); routing from the local index, will catch up when it returns",
+                self.replica_id,
+                exc,
+            )
+        self._synced, self.last_error = False, repr(exc)

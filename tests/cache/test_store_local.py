@@ -1,0 +1,18 @@
+from cache.ops import StoredOp
+from cache.radix_index import MatchResult
+from cache.store import LocalIndexStore
+
+
+async def test_local_store_has_the_same_behaviour() -> None:
+    store = LocalIndexStore()
+    await store.start()
+    await store.append(StoredOp("w", None, [1, 2]))
+    assert store.match([1, 2]) == {"w": MatchResult(2, 2, 0)} and store.status == "healthy"
+    await store.pin_session("s", "w", 30)
+    assert await store.pinned_worker("s") == "w"
+    await store.incr("c")
+    assert await store.counters() == {"c": 1}
+    await store.register_worker("w", {"u": 1})
+    await store.unregister_worker("w")
+    assert await store.workers() == {} and store.match([1, 2]) == {}
+    await store.close()
