@@ -71,14 +71,16 @@ def config_from_gguf(meta: GGUFFile) -> ModelConfig:
         raise WeightLoadError(f"{meta.path}: RoPE scaling ({rope_scaling}) is not supported")
     hidden = int(meta.arch_get("embedding_length"))
     num_heads = int(meta.arch_get("attention.head_count"))
-    tensor_names = {t.name for t in meta.reader.tensors}
-    tokens = meta.get("tokenizer.ggml.tokens", None)
+    tensors = {t.name: t for t in meta.reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise WeightLoadError(f"{meta.path}: no token_embd.weight tensor")
     eos = meta.get("tokenizer.ggml.eos_token_id", None)
     eot = meta.get("tokenizer.ggml.eot_token_id", None)  # end-of-turn, e.g. <|im_end|> when eos differs
     bos = meta.get("tokenizer.ggml.bos_token_id", None)
     return ModelConfig(
         architecture=arch,
-        vocab_size=int(meta.arch_get("vocab_size", len(tokens) if tokens else 0)),
+        # The embedding's row count is what the model needs; {arch}.vocab_size is often absent.
+        vocab_size=int(tensors["token_embd.weight"].shape[1]),
         hidden_size=hidden,
         intermediate_size=int(meta.arch_get("feed_forward_length")),
         num_layers=int(meta.arch_get("block_count")),
@@ -88,8 +90,8 @@ def config_from_gguf(meta: GGUFFile) -> ModelConfig:
         rms_norm_eps=float(meta.arch_get("attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(meta.arch_get("rope.freq_base", 10000.0)),
         max_position_embeddings=int(meta.arch_get("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(dict.fromkeys(int(i) for i in (eos, eot) if i is not None)),
     )

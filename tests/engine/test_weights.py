@@ -72,7 +72,8 @@ def test_smollm2_tensors_complete_and_finite(
     assert set(smollm2_tensors) == set(expected)
     for name, tensor in smollm2_tensors.items():
         assert tuple(tensor.shape) == expected[name], name
-        assert tensor.dtype == torch.float32 and torch.isfinite(tensor).all(), name
+        # numpy: torch.isfinite is ~30x slower on this CPU build
+        assert tensor.dtype == torch.float32 and np.isfinite(tensor.numpy()).all(), name
     # Norm weights are F32 in the file and learned around 1, not a dequantization artefact.
     assert smollm2_tensors["model.norm.weight"].abs().mean() > 0.1
 
@@ -85,31 +86,38 @@ def test_unpermute_inverts_llama_cpp_permute() -> None:
     np.testing.assert_array_equal(unpermute_rotary_rows(permuted, num_heads), hf)
 
 
-@pytest.mark.slow
-def test_smollm2_matches_transformers_gguf_loader(
-    smollm2_gguf_path: Path, smollm2_checkpoint: Checkpoint, smollm2_tensors: dict[str, torch.Tensor]
+def test_smollm2_matches_reference_gguf_conversion(
+    smollm2_checkpoint: Checkpoint, smollm2_tensors: dict[str, torch.Tensor]
 ) -> None:
-    """transformers un-permutes q/k on its own (LlamaTensorProcessor); the dequantized tensors must agree exactly.
+    """Names agree with gguf-py's own HF -> GGUF map (what llama.cpp's converter uses), and q/k rows with
+    transformers' GGUF loader (``LlamaTensorProcessor``), bit for bit.
 
-    ``AutoModelForCausalLM.from_pretrained(gguf_file=...)`` needs ``accelerate``, so call its loader directly.
+    ``AutoModelForCausalLM.from_pretrained(gguf_file=...)`` needs ``accelerate`` and takes ~20 s here,
+    so the test calls the piece that un-permutes q/k directly.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from gguf.quants import dequantize
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     c = smollm2_checkpoint.config
-    hf_config = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        tie_word_embeddings=c.tie_word_embeddings,
-    )  # fmt: skip
-    with torch.device("meta"):  # only its parameter names are used, to map GGUF names
-        skeleton = LlamaForCausalLM(hf_config)
-    reference = load_gguf_checkpoint(str(smollm2_gguf_path), return_tensors=True, model_to_load=skeleton)[
-        "tensors"
-    ]
-    assert set(reference) == set(smollm2_tensors)
-    for name, tensor in reference.items():
-        torch.testing.assert_close(smollm2_tensors[name], tensor.float(), rtol=0, atol=0, msg=name)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_layers)
+    processor = LlamaTensorProcessor(
+        config={"num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads}
+    )
+    reader = smollm2_checkpoint.tokenizer_source.reader  # the already parsed GGUFFile
+    gguf_names = {t.name for t in reader.tensors}
+    assert {name_map.get_name(n, try_suffixes=(".weight", ".bias")) for n in smollm2_tensors} == gguf_names
+    permuted = [t for t in reader.tensors if ".attn_q." in t.name or ".attn_k." in t.name]
+    assert len(permuted) == 2 * c.num_layers
+    for info in permuted:
+        hf_name = next(
+            n for n in smollm2_tensors if name_map.get_name(n, try_suffixes=(".weight",)) == info.name
+        )
+        raw = dequantize(info.data, info.tensor_type)
+        expected = np.ascontiguousarray(processor.process(weights=raw, name=info.name).weights)
+        assert not np.array_equal(raw, expected)  # the permutation is not a no-op, so this checks it
+        torch.testing.assert_close(
+            smollm2_tensors[hf_name], torch.from_numpy(expected), rtol=0, atol=0, msg=hf_name
+        )
 
 
 def _save_tiny(tmp_path: Path, arch: str, tied: bool, shard: bool) -> dict[str, torch.Tensor]:
@@ -151,6 +159,55 @@ def test_tiny_hf_model_loads_exactly(tmp_path: Path, arch: str, tied: bool, shar
     assert c.attention_bias == (arch == "qwen2") and c.eos_token_ids == (2, 3) and c.bos_token_id == 1
     loaded = dict(checkpoint.tensors())
     assert set(loaded) == set(expected_shapes(c))
+    for name, tensor in loaded.items():
+        torch.testing.assert_close(tensor, state[name], rtol=0, atol=0, msg=name)
+
+
+_TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}  # fmt: skip
+
+
+def _gguf_name(name: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if name in top or name == "lm_head.weight":
+        return top.get(name, "output.weight")
+    layer, rest = name.removeprefix("model.layers.").split(".", 1)
+    part, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_TO_GGUF[part]}.{kind}"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_gguf_written_like_llama_cpp_loads_as_hf(tmp_path: Path, arch: str) -> None:
+    """Convert a tiny HF model the way llama.cpp's converter does (names, q/k permute for llama only)."""
+    state = _save_tiny(tmp_path, arch, tied=False, shard=False)
+    writer = gguf.GGUFWriter(tmp_path / "tiny.gguf", arch)
+    meta = {"block_count": 2, "embedding_length": 32, "feed_forward_length": 64, "attention.head_count": 4,
+            "attention.head_count_kv": 2, "context_length": 128}  # fmt: skip
+    for key, value in meta.items():
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_float32(f"{arch}.rope.freq_base", 5000.0)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    for name, tensor in state.items():
+        array = tensor.numpy()
+        heads = {"q_proj": 4, "k_proj": 2}.get(name.split(".")[-2])
+        if arch == "llama" and heads is not None:
+            array = array.reshape(heads, 2, array.shape[0] // heads // 2, *array.shape[1:])
+            array = array.swapaxes(1, 2).reshape(tensor.shape)
+        writer.add_tensor(_gguf_name(name), np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    checkpoint = load_checkpoint(tmp_path / "tiny.gguf")
+    c = checkpoint.config
+    assert (c.architecture, c.vocab_size, c.num_kv_heads, c.head_dim) == (arch, 96, 2, 8)
+    assert c.attention_bias == (arch == "qwen2") and not c.tie_word_embeddings
+    loaded = dict(checkpoint.tensors())
+    assert set(loaded) == set(state)
     for name, tensor in loaded.items():
         torch.testing.assert_close(tensor, state[name], rtol=0, atol=0, msg=name)
 
