@@ -158,7 +158,7 @@ def test_missing_tokenizer_files_are_reported(tmp_path: Path) -> None:
 
 def test_import_is_torch_free() -> None:
     code = (
-        "import sys, engine.tokenizer, engine.weights, engine.weights.gguf_meta; "
+        "import sys, engine.tokenizer, engine.weights, engine.weights.gguf_meta, engine.weights.gguf_tokenizer; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
