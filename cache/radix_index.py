@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -104,35 +104,33 @@ class RadixIndex:
         """
         if self._approx_heap and self._approx_heap[0][0] <= self._clock():
             self.expire()
-        get = self._nodes.get
         ends: dict[int, int] = {}
         host_only: dict[int, int] = {}
-        active = 0
+        first = self._nodes.get(hashes[0]) if hashes else None
+        if first is None:
+            return {}
+        active = first.device | first.host  # slots still matching; shrinks monotonically
         depth = 0
-        for h in hashes:
-            node = get(h)
+        for node in map(self._nodes.get, hashes):  # hot loop: ~100 ns per block
             if node is None:
                 break
-            held = node.device | node.host
-            if depth == 0:
-                active = held
-            lost = active & ~held
+            lost = active & ~(node.device | node.host)
             if lost:
                 for slot in _bits(lost):
                     ends[slot] = depth
-                active &= held
-            if not active:
-                break
-            only_host = node.host & ~node.device & active
-            if only_host:
+                active &= ~lost
+                if not active:
+                    break
+            if node.host & active:
+                only_host = node.host & ~node.device & active
                 for slot in _bits(only_host):
                     host_only[slot] = host_only.get(slot, 0) + 1
             depth += 1
         for slot in _bits(active):
             ends[slot] = depth
-        touch = self._nodes.move_to_end
-        for i in range(depth - 1, -1, -1):  # deepest first: ancestors end up fresher than descendants
-            touch(hashes[i])
+        # Refresh LRU deepest first (ancestors end up fresher than descendants); deque(maxlen=0) runs the
+        # map in C.
+        deque(map(self._nodes.move_to_end, reversed(hashes[:depth])), maxlen=0)
         names = self._names
         out: dict[str, MatchResult] = {}
         for slot, n in ends.items():
