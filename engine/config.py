@@ -18,6 +18,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's context length
     model_id: str | None = None  # the name served over the API; None = derived from the file name
     threads: int | None = None  # CPU threads for torch; None = torch's default
+    cpu_packed_linears: bool = True  # oneDNN pre-packed weights for fp32 on CPU (2-3x faster decode)
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.max_batch_tokens < 1 or self.max_running < 1:

@@ -16,6 +16,7 @@ from engine.config import EngineConfig
 from engine.kv.page_pool import PagePool
 from engine.kv.prefix_cache import BlockHasher, CacheListener, PrefixCache
 from engine.model_runner import ModelRunner, allocate_kv, kv_bytes_per_token
+from engine.models.cpu_linear import packing_available
 from engine.models.llama import LlamaForCausalLM
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -88,6 +89,8 @@ class LLMEngine:
         model.load_weights(checkpoint.tensors())
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.rotary.build()  # keep the rotary tables in fp32 on the device
+        if config.cpu_packed_linears and packing_available(device, dtype):
+            self.model.pack_for_cpu()
 
         if config.kv_cache_tokens is not None:
             kv_tokens = config.kv_cache_tokens

@@ -67,14 +67,15 @@ def paged_attention(
             keys, values = k[rows], v[rows]
         else:
             keys, values = k_cache[seg.kv_slots], v_cache[seg.kv_slots]
+        # 4-D inputs: CPU SDPA takes its fused (flash) kernel only with a batch dimension.
         o = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1),  # [H, Q, D]
-            keys.transpose(0, 1),  # [KVH, K, D]
-            values.transpose(0, 1),
+            q[rows].transpose(0, 1).unsqueeze(0),  # [1, H, Q, D]
+            keys.transpose(0, 1).unsqueeze(0),  # [1, KVH, K, D]
+            values.transpose(0, 1).unsqueeze(0),
             attn_mask=seg.mask,
             is_causal=seg.mask is None,
             enable_gqa=True,
-        )
+        )[0]
         out[rows] = o.transpose(0, 1)
 
     if batch.decode is not None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from engine.models.attention import AttentionBatch, KVCache, paged_attention
 from engine.models.config import ModelConfig
+from engine.models.cpu_linear import PackedLinear, pack_linears
 
 
 class RMSNorm(nn.Module):
@@ -120,6 +121,13 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
+        self.packed_head: nn.Module | None = None  # see pack_for_cpu
+
+    def pack_for_cpu(self) -> None:
+        """Pre-pack every matmul weight for oneDNN (fp32 CPU inference only; weights are then frozen)."""
+        pack_linears(self)
+        if self.lm_head is None:  # tied: the head gets its own packed copy of the embedding
+            self.packed_head = PackedLinear(self.embed_tokens.weight, None)
 
     @torch.inference_mode()
     def forward(
@@ -136,8 +144,11 @@ class LlamaForCausalLM(nn.Module):
         if logits_indices is not None:
             x = x[logits_indices]  # the LM head over 49k vocab is costly: only where we sample
         x = self.norm(x)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()  # [N, V]
+        if self.packed_head is not None:
+            return self.packed_head(x)
+        if self.lm_head is not None:
+            return self.lm_head(x).float()  # [N, V]
+        return F.linear(x, self.embed_tokens.weight).float()
 
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up as they arrive."""
