@@ -1,0 +1,38 @@
+"""The ``prefixgate`` command line: one entry point, one subcommand per job.
+
+Each subcommand lives with the package it runs and exposes ``add_arguments(parser)`` and
+``run(args) -> int``; they are imported lazily so that ``prefixgate gateway`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS = {
+    "engine": ("engine.server.cli", "run one embedded engine worker (OpenAI + SGLang-compatible HTTP API)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="prefixgate", description="prefix-caching LLM gateway and engine")
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == chosen:  # only the chosen one is imported: its arguments are all we parse
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
