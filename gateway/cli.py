@@ -13,6 +13,8 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS = {
+    "serve": ("gateway.serve", "the main job: start engine workers and the gateway in front of them"),
+    "gateway": ("gateway.run", "run the gateway in front of workers that already run (--worker URL ...)"),
     "engine": ("engine.server.cli", "run one embedded engine worker (OpenAI + SGLang-compatible HTTP API)"),
 }
 

@@ -1,0 +1,35 @@
+"""The gateway's aiohttp application: ``create_app(config)``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway import handlers
+from gateway.config import GatewayConfig
+from gateway.errors import error_middleware
+from gateway.state import STATE, GatewayState
+
+
+def create_app(config: GatewayConfig) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app[STATE] = GatewayState(config)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async with app[STATE].run():
+            yield
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_post("/v1/completions", handlers.completions)
+    app.router.add_post("/generate", handlers.generate)
+    app.router.add_get("/v1/models", handlers.models)
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/stats", handlers.stats)
+    app.router.add_get("/admin/workers", handlers.list_workers)
+    app.router.add_post("/admin/workers", handlers.add_worker)
+    app.router.add_delete("/admin/workers", handlers.remove_worker)
+    app.router.add_post("/admin/policy", handlers.set_policy)
+    return app

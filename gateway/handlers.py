@@ -1,0 +1,149 @@
+"""Thin HTTP handlers: authenticate, parse, hand over to the router and proxy."""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.errors import GatewayError
+from gateway.policies import POLICIES
+from gateway.router import PreparedRequest
+from gateway.state import STATE, GatewayState
+from gateway.tenancy import authenticate, require_admin
+
+_ids = itertools.count()
+
+
+async def _json_body(request: web.Request) -> dict:
+    raw = await request.read()  # aiohttp enforces client_max_size (413)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "the request body must be a JSON object")
+    return body
+
+
+async def _proxied(request: web.Request, kind: str) -> web.StreamResponse:
+    state = request.app[STATE]
+    tenant = authenticate(request, state.config.api_keys)
+    body = await _json_body(request)
+    served = state.served_models()
+    model = body.get("model")
+    if kind != "generate":
+        if model is None and served:
+            body["model"] = served[0]
+        elif not isinstance(model, str):
+            raise GatewayError(400, "'model' must be a string", param="model")
+        elif served and model not in served:
+            raise GatewayError(404, f"the model '{model}' does not exist; served: {', '.join(served)}",
+                               param="model", code="model_not_found")  # fmt: skip
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise GatewayError(400, "'stream' must be a boolean", param="stream")
+    session_id = body.get("prompt_cache_key") or body.get("user") or request.headers.get("X-Session-ID")
+    if session_id is not None and not isinstance(session_id, str):
+        raise GatewayError(400, "'prompt_cache_key' and 'user' must be strings", param="user")
+    req = PreparedRequest(
+        kind=kind,
+        body=body,
+        tenant=tenant,
+        prompt_ids=state.router.prompt_ids(kind, body),
+        stream=stream,
+        session_id=session_id,
+        request_id=request.headers.get("X-Request-ID") or f"gw-{uuid.uuid4().hex[:12]}-{next(_ids)}",
+    )
+    return await state.proxy.handle(request, req)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _proxied(request, "chat")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _proxied(request, "completions")
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    return await _proxied(request, "generate")
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    authenticate(request, state.config.api_keys)
+    data = [{"id": m, "object": "model", "created": int(state.started), "owned_by": "prefixgate"}
+            for m in state.served_models()]  # fmt: skip
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    available = len(state.pool.available())
+    store = state.store.status
+    status = "ok" if available and store == "healthy" else ("degraded" if available else "unavailable")
+    body = {
+        "status": status,
+        "workers_available": available,
+        "workers": len(state.pool.workers),
+        "store": store,
+    }
+    return web.json_response(body, status=200 if available else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.refresh_gauges()
+    return web.Response(
+        body=generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[STATE].stats())
+
+
+# -- admin -------------------------------------------------------------------------------------------
+def _admin(request: web.Request) -> GatewayState:
+    state = request.app[STATE]
+    require_admin(request, state.config.admin_key)
+    return state
+
+
+async def list_workers(request: web.Request) -> web.Response:
+    state = _admin(request)
+    return web.json_response({"workers": [w.describe() for w in state.pool]})
+
+
+async def add_worker(request: web.Request) -> web.Response:
+    state = _admin(request)
+    url = (await _json_body(request)).get("url")
+    if not isinstance(url, str) or not url.startswith(state.config.allowed_worker_urls):
+        allowed = ", ".join(state.config.allowed_worker_urls)
+        raise GatewayError(403, f"worker URL not allowed; allowed prefixes: {allowed}", param="url")
+    worker = await state.add_worker(url)
+    return web.json_response(worker.describe(), status=201 if worker.healthy else 202)
+
+
+async def remove_worker(request: web.Request) -> web.Response:
+    state = _admin(request)
+    worker_id = request.query.get("id") or request.query.get("url", "")
+    if not await state.remove_worker(worker_id.rstrip("/")):
+        raise GatewayError(404, f"no worker {worker_id!r}", param="id")
+    return web.json_response({"removed": worker_id})
+
+
+async def set_policy(request: web.Request) -> web.Response:
+    state = _admin(request)
+    name = (await _json_body(request)).get("policy")
+    if name not in POLICIES:
+        raise GatewayError(
+            400, f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}", param="policy"
+        )
+    state.router.set_policy(name)
+    return web.json_response({"policy": name, "at": time.time()})

@@ -1,0 +1,151 @@
+"""Everything a running gateway holds, opened and closed in one place (``GatewayState.run``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from cache.ops import IndexOp, WorkerGoneOp
+from cache.radix_index import RadixIndexConfig
+from cache.redis_store import RedisIndexStore, RedisStoreConfig
+from cache.store import IndexStore, LocalIndexStore
+from cache.zmq_consumer import KVEventConsumer, WorkerFeed
+from engine.tokenizer import Tokenizer
+from engine.weights import default_model_path
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Proxy
+from gateway.router import Router
+from gateway.workers import Worker, WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class GatewayState:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.started = time.time()
+        self.metrics = GatewayMetrics(config.recent_requests)
+        index_config = RadixIndexConfig(approx_ttl_s=config.routing.approx_ttl_s)
+        self.store: IndexStore = (
+            RedisIndexStore(
+                RedisStoreConfig(url=config.redis_url, key_prefix=config.redis_key_prefix), index_config
+            )
+            if config.redis_url
+            else LocalIndexStore(index_config)
+        )
+        self._event_tasks: dict[str, asyncio.Task] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    @contextlib.asynccontextmanager
+    async def run(self) -> AsyncIterator[None]:
+        cfg = self.config
+        path = Path(cfg.model) if cfg.model else default_model_path()
+        self.tokenizer = await asyncio.to_thread(Tokenizer.from_checkpoint_path, path)
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
+        )
+        self.pool = WorkerPool(self.session, cfg.failure_threshold, cfg.circuit_open_s)
+        self.router = Router(cfg.routing, self.pool, self.store, self.tokenizer, self.metrics)
+        timeouts = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=cfg.connect_timeout_s,
+            sock_read=max(cfg.first_byte_timeout_s, cfg.read_timeout_s),
+        )
+        self.proxy = Proxy(self.session, self.router, self.pool, self.metrics, cfg.max_retries, timeouts)
+        await self.store.start()
+        for url in cfg.workers:
+            await self.add_worker(url)
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="gateway-health"))
+        try:
+            yield
+        finally:
+            for task in [*self._tasks, *self._event_tasks.values()]:
+                task.cancel()
+            await asyncio.gather(*self._tasks, *self._event_tasks.values(), return_exceptions=True)
+            await self.store.close()
+            await self.session.close()
+
+    # -- workers -------------------------------------------------------------------------------------
+    def served_models(self) -> list[str]:
+        return sorted({w.model_id for w in self.pool if w.model_id})
+
+    async def add_worker(self, url: str) -> Worker:
+        worker = await self.pool.add(url)
+        await self.store.register_worker(worker.worker_id, {"url": worker.url, "kind": worker.kind})
+        self._ensure_event_feed(worker)
+        return worker
+
+    async def remove_worker(self, worker_id: str) -> bool:
+        worker = self.pool.remove(worker_id)
+        if worker is None:
+            return False
+        task = self._event_tasks.pop(worker_id, None)
+        if task is not None:
+            task.cancel()
+        await self.store.append(WorkerGoneOp(worker_id))
+        await self.store.unregister_worker(worker_id)
+        return True
+
+    def _ensure_event_feed(self, worker: Worker) -> None:
+        if not (self.config.ingest_kv_events and worker.precise) or worker.worker_id in self._event_tasks:
+            return
+        assert worker.kv_events_endpoint is not None
+        consumer = KVEventConsumer(WorkerFeed(worker.worker_id, worker.kv_events_endpoint), self._apply_ops)
+        self._event_tasks[worker.worker_id] = asyncio.create_task(
+            consumer.run(), name=f"kv-events-{worker.url}"
+        )
+
+    async def _apply_ops(self, ops: list[IndexOp]) -> None:
+        await self.store.append_many(ops)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval_s)
+            try:
+                await self.pool.check_all()
+                for worker in self.pool:
+                    if worker.healthy and worker.model_id is None:
+                        await self.pool.probe(worker)  # it was down when attached
+                    self._ensure_event_feed(worker)
+                self.store.index.expire()
+                self.refresh_gauges()
+            except Exception:
+                log.exception("health loop iteration failed; continuing")
+
+    # -- observability -------------------------------------------------------------------------------
+    def refresh_gauges(self) -> None:
+        m = self.metrics
+        per_worker = self.store.index.stats().per_worker
+        for w in self.pool:
+            m.worker_load.labels(w.worker_id).set(w.load)
+            m.worker_healthy.labels(w.worker_id).set(1 if w.available else 0)
+            device, host = per_worker.get(w.worker_id, (0, 0))
+            m.index_blocks.labels(w.worker_id, "device").set(device)
+            m.index_blocks.labels(w.worker_id, "host").set(host)
+        m.store_degraded.set(0 if self.store.status == "healthy" else 1)
+
+    async def stats(self) -> dict:
+        per_worker = self.store.index.stats().per_worker
+        workers = []
+        for w in self.pool:
+            device, host = per_worker.get(w.worker_id, (0, 0))
+            workers.append({**w.describe(), "index_device_blocks": device, "index_host_blocks": host})
+        return {
+            "policy": self.router.policy.name,
+            "store": self.store.status,
+            "totals": self.metrics.summary(),
+            "shared_counters": await self.store.counters(),
+            "workers": workers,
+            "recent": self.metrics.recent_requests(),
+        }
+
+
+STATE = web.AppKey("state", GatewayState)

@@ -1,0 +1,169 @@
+"""The worker pool: what each upstream can do, whether it is healthy, and how loaded it is.
+
+Load is the gateway's own in-flight count (exact: incremented at dispatch, decremented in a
+``finally`` whatever happens to the request) combined with what the worker reports (``/get_load``),
+which also sees traffic from other gateway replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    url: str
+    worker_id: str
+    kind: str = "openai"  # "prefixgate" (our engine) | "sglang" (native API) | "openai" (plain upstream)
+    model_id: str | None = None
+    page_size: int = 16
+    kv_events_endpoint: str | None = None  # ZMQ PUB address when the worker publishes KV events
+    healthy: bool = False
+    in_flight: int = 0
+    reported_load: int = 0
+    consecutive_failures: int = 0
+    circuit_open_until: float = 0.0
+    routed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def load(self) -> int:
+        # The worker's own count includes our in-flight requests once they reach it.
+        return max(self.in_flight, self.reported_load)
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and time.monotonic() >= self.circuit_open_until
+
+    @property
+    def native(self) -> bool:
+        return self.kind in ("prefixgate", "sglang")
+
+    @property
+    def precise(self) -> bool:
+        """Its KV events keep the index exact; otherwise the gateway inserts approximate entries."""
+        return self.kv_events_endpoint is not None
+
+    def describe(self) -> dict:
+        return {
+            "id": self.worker_id,
+            "url": self.url,
+            "kind": self.kind,
+            "model": self.model_id,
+            "healthy": self.healthy,
+            "available": self.available,
+            "in_flight": self.in_flight,
+            "reported_load": self.reported_load,
+            "load": self.load,
+            "routed": self.routed,
+            "kv_events": self.kv_events_endpoint,
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+
+class WorkerPool:
+    def __init__(self, session: aiohttp.ClientSession, failure_threshold: int, circuit_open_s: float) -> None:
+        self.session = session
+        self.failure_threshold = failure_threshold
+        self.circuit_open_s = circuit_open_s
+        self.workers: dict[str, Worker] = {}
+
+    def __iter__(self) -> Iterator[Worker]:
+        return iter(list(self.workers.values()))
+
+    def available(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.available]
+
+    async def add(self, url: str) -> Worker:
+        url = url.rstrip("/")
+        worker = self.workers.get(url) or Worker(url=url, worker_id=url)
+        await self.probe(worker)
+        self.workers[worker.worker_id] = worker
+        return worker
+
+    def remove(self, worker_id: str) -> Worker | None:
+        return self.workers.pop(worker_id, None)
+
+    # -- capability detection and health -----------------------------------------------------------
+    async def probe(self, worker: Worker) -> None:
+        """Detect what the worker speaks; marks it healthy if it answers at all."""
+        info = await self._get_json(worker, "/get_server_info")
+        if info is not None:
+            worker.kind = "prefixgate" if info.get("prefixgate") else "sglang"
+            worker.page_size = int(info.get("page_size") or worker.page_size)
+            worker.kv_events_endpoint = info.get("kv_events_endpoint") or None
+            worker.model_id = info.get("served_model_name") or worker.model_id
+        models = await self._get_json(worker, "/v1/models")
+        if models and models.get("data"):
+            worker.model_id = worker.model_id or models["data"][0].get("id")
+        worker.healthy = info is not None or models is not None
+        log.info("worker %s: kind=%s model=%s events=%s", worker.url, worker.kind, worker.model_id,
+                 worker.kv_events_endpoint)  # fmt: skip
+
+    async def check(self, worker: Worker) -> None:
+        if worker.native:
+            ok = await self._get_ok(worker, "/health")
+            load = await self._get_json(worker, "/get_load") if ok else None
+            if isinstance(load, list) and load:  # SGLang answers one entry per data-parallel rank
+                load = load[0]
+            if isinstance(load, dict):
+                worker.reported_load = int(load.get("num_reqs", 0)) + int(load.get("num_waiting_reqs", 0))
+        else:
+            ok = await self._get_ok(worker, "/v1/models")
+        if ok and not worker.healthy:
+            log.info("worker %s is healthy again", worker.url)
+            worker.consecutive_failures = 0
+            worker.circuit_open_until = 0.0
+        elif not ok and worker.healthy:
+            log.warning("worker %s failed its health check", worker.url)
+        worker.healthy = ok
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(w) for w in self), return_exceptions=True)
+
+    # -- request outcomes (circuit breaker) ----------------------------------------------------------
+    def record_success(self, worker: Worker) -> None:
+        worker.consecutive_failures = 0
+
+    def record_failure(self, worker: Worker) -> None:
+        worker.consecutive_failures += 1
+        if worker.consecutive_failures >= self.failure_threshold:
+            worker.circuit_open_until = time.monotonic() + self.circuit_open_s
+            log.warning("worker %s: %d failures in a row, circuit open for %.0f s",
+                        worker.url, worker.consecutive_failures, self.circuit_open_s)  # fmt: skip
+
+    @contextlib.contextmanager
+    def dispatch(self, worker: Worker) -> Iterator[None]:
+        """Count a request in flight on ``worker`` for exactly as long as the block runs."""
+        worker.in_flight += 1
+        worker.routed += 1
+        try:
+            yield
+        finally:
+            worker.in_flight -= 1
+
+    # -- helpers -------------------------------------------------------------------------------------
+    async def _get_json(self, worker: Worker, path: str) -> dict | list | None:
+        try:
+            async with self.session.get(worker.url + path, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                if r.status != 200:
+                    return None
+                return await r.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+
+    async def _get_ok(self, worker: Worker, path: str) -> bool:
+        try:
+            async with self.session.get(worker.url + path, timeout=aiohttp.ClientTimeout(total=5)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
