@@ -1,0 +1,154 @@
+"""Operational endpoints, shaped as SGLang's so its router and tools can manage this worker.
+
+SGLang's router registers a worker by probing ``/health`` and reading ``/server_info`` and
+``/model_info`` (older routers: ``/get_server_info``, ``/get_model_info``); both spellings answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from engine.sampling import SamplingParams
+from engine.server.errors import bad_request
+from engine.server.protocol import get_bool, get_token_ids, read_json
+from engine.server.state import STATE, ServerState
+
+VERSION = "prefixgate-0.1.0"
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/health", health)
+    r.add_get("/health_generate", health_generate)
+    for path in ("/get_server_info", "/server_info"):
+        r.add_get(path, server_info)
+    for path in ("/get_model_info", "/model_info"):
+        r.add_get(path, model_info)
+    r.add_get("/get_load", get_load)
+    r.add_route("GET", "/flush_cache", flush_cache)
+    r.add_route("POST", "/flush_cache", flush_cache)
+    for path in ("/tokenize", "/v1/tokenize"):
+        r.add_post(path, tokenize)
+    for path in ("/detokenize", "/v1/detokenize"):
+        r.add_post(path, detokenize)
+    r.add_get("/metrics", metrics)
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.Response(status=200 if state.ready and not state.draining else 503)
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    """Healthy when the engine produces a token; a busy engine is healthy by definition (as SGLang)."""
+    state = request.app[STATE]
+    if not state.ready or state.draining:
+        return web.Response(status=503)
+    if state.async_engine.num_requests:
+        return web.Response(status=200)
+    prompt = [state.tokenizer.bos_token_id or 0]
+
+    async def one_token() -> None:
+        stream = state.async_engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0))
+        async for chunk in stream:
+            if chunk.finished:
+                break
+        await stream.aclose()
+
+    try:
+        await asyncio.wait_for(one_token(), state.settings.health_generate_timeout_s)
+    except Exception:
+        return web.Response(status=503)
+    return web.Response(status=200)
+
+
+def load(state: ServerState) -> dict[str, Any]:
+    scheduler, page_size = state.engine.scheduler, state.engine.info.page_size
+    running, waiting = len(scheduler.running), len(scheduler.waiting)
+    return {"dp_rank": 0, "num_reqs": running + waiting, "num_running_reqs": running,
+            "num_waiting_reqs": waiting, "num_tokens": scheduler.pages_held_by_requests * page_size,
+            "num_used_pages": state.engine.pool.num_used, "num_cached_pages": state.engine.cache.num_pages}  # fmt: skip
+
+
+async def server_info(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    info, config, settings = state.engine.info, state.engine.config, state.settings
+    return web.json_response({
+        "model_path": info.model_path, "served_model_name": info.model_id, "model_id": info.model_id,
+        "tokenizer_path": info.model_path, "host": settings.host, "port": settings.port,
+        "context_length": info.max_model_len, "page_size": info.page_size,
+        "max_total_tokens": info.num_pages * info.page_size, "max_running_requests": config.max_running,
+        "chunked_prefill_size": config.max_batch_tokens, "max_prefill_tokens": config.max_batch_tokens,
+        "device": info.device, "dtype": info.dtype, "dp_size": 1, "tp_size": 1,
+        "kv_events_endpoint": settings.kv_events_endpoint, "kv_block_hash": "prefixgate/kv/v1 xxh3",
+        "internal_states": [load(state)], "version": VERSION,
+    })  # fmt: skip
+
+
+async def model_info(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    info = state.engine.info
+    arch = state.engine.model.config.architecture
+    return web.json_response({
+        "model_path": info.model_path, "tokenizer_path": info.model_path, "is_generation": True,
+        "preferred_sampling_params": None, "weight_version": "default", "model_type": arch,
+        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(arch, arch)],
+    })  # fmt: skip
+
+
+async def get_load(request: web.Request) -> web.Response:
+    return web.json_response([load(request.app[STATE])])
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    """Refused (400) while requests run, as SGLang does; the prefix cache then reports AllBlocksCleared."""
+    state = request.app[STATE]
+    # engine.flush_cache mutates the tree from this thread; it is only safe while the step loop has
+    # nothing to do, which holds when no request of ours is in flight (we are its only producer).
+    idle = not state.tracker and not state.async_engine.num_requests and not state.engine.scheduler.has_work()
+    ok = idle and state.engine.flush_cache()
+    message = "Cache flushed.\n" if ok else "Cache not flushed: requests are running. Retry when idle.\n"
+    return web.Response(text=message, status=200 if ok else 400)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """``{"prompt": str | [str], "add_special_tokens": bool}`` -> ``{"tokens", "count", "max_model_len"}``."""
+    state = request.app[STATE]
+    body = await read_json(request)
+    prompt = body.get("prompt", body.get("text"))
+    special = get_bool(body, "add_special_tokens", True)
+    encode = state.tokenizer.encode
+    if isinstance(prompt, str):
+        tokens: Any = encode(prompt, add_special_tokens=special)
+        count: Any = len(tokens)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        tokens = [encode(p, add_special_tokens=special) for p in prompt]
+        count = [len(t) for t in tokens]
+    else:
+        raise bad_request("'prompt' must be a string or a non-empty list of strings", "prompt")
+    return web.json_response(
+        {"tokens": tokens, "count": count, "max_model_len": state.engine.info.max_model_len}
+    )
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """``{"tokens": [int] | [[int]], "skip_special_tokens": bool}`` -> ``{"text": str | [str]}``."""
+    state = request.app[STATE]
+    body = await read_json(request)
+    tokens = body.get("tokens")
+    skip = get_bool(body, "skip_special_tokens", True)
+    batched = isinstance(tokens, list) and bool(tokens) and isinstance(tokens[0], list)
+    seqs = [get_token_ids(t, "tokens") for t in tokens] if batched else [get_token_ids(tokens, "tokens")]
+    if any(t < 0 or t >= state.vocab_size for s in seqs for t in s):
+        raise bad_request(f"token ids must be in [0, {state.vocab_size})", "tokens")
+    texts = [state.tokenizer.decode(s, skip_special_tokens=skip) for s in seqs]
+    return web.json_response({"text": texts if batched else texts[0]})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,115 @@
+"""One request's trip through the engine, shared by every generating endpoint.
+
+``generate_chunks`` wraps ``AsyncEngine.generate`` with what each API needs around it: engine and
+validation failures become ``ApiError``s, metrics are recorded, and ``/abort_request`` can end the
+request early. Callers must close it (``contextlib.aclosing``) so that a client that goes away —
+aiohttp then cancels the handler task — aborts the request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from engine.async_engine import EngineError, GenerationChunk
+from engine.server.errors import ApiError, bad_request
+from engine.server.protocol import GenerationRequest
+
+if TYPE_CHECKING:
+    from engine.server.app import ServerState
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex}"
+
+
+class RequestTracker:
+    """Running requests by id -> the task serving each, so they can be aborted by id or all at once."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._aborted: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def add(self, request_id: str) -> None:
+        if request_id in self._tasks:
+            raise bad_request(f"request id {request_id!r} is already running", "rid")
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks[request_id] = task
+
+    def remove(self, request_id: str) -> None:
+        self._tasks.pop(request_id, None)
+        self._aborted.discard(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        task = self._tasks.get(request_id)
+        if task is None or request_id in self._aborted:
+            return False
+        self._aborted.add(request_id)
+        task.cancel(msg=f"request {request_id} aborted")
+        return True
+
+    def abort_all(self) -> int:
+        return sum(self.abort(request_id) for request_id in list(self._tasks))
+
+    def was_aborted(self, request_id: str) -> bool:
+        return request_id in self._aborted
+
+
+async def generate_chunks(
+    state: ServerState, request_id: str, req: GenerationRequest, endpoint: str
+) -> AsyncIterator[GenerationChunk]:
+    """Yield the request's chunks; the last one has ``finished`` set. Raises ``ApiError`` only."""
+    metrics, tracker = state.metrics, state.tracker
+    if state.draining:
+        raise ApiError(503, "the engine is shutting down", code="shutting_down")
+    tracker.add(request_id)
+    start = last = time.perf_counter()
+    final: GenerationChunk | None = None
+    try:
+        stream = state.async_engine.generate(req.prompt_ids, req.sampling, request_id)
+        try:
+            async for chunk in stream:
+                now = time.perf_counter()
+                if chunk.token_ids:
+                    if chunk.completion_tokens == len(chunk.token_ids):
+                        metrics.time_to_first_token.observe(now - start)
+                    else:
+                        metrics.inter_token_latency.observe((now - last) / len(chunk.token_ids))
+                    last = now
+                final = chunk
+                yield chunk
+        except asyncio.CancelledError:
+            if not tracker.was_aborted(request_id):
+                raise  # client disconnect or shutdown: ``generate`` already aborted the request
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            final = _aborted_chunk(request_id, req, final)
+            yield final
+        finally:
+            await stream.aclose()
+    except ValueError as exc:  # the engine refused the request before queueing it
+        raise bad_request(str(exc), "prompt") from None
+    except EngineError as exc:
+        raise ApiError(503 if state.draining else 500, str(exc), code="engine_error") from None
+    finally:
+        tracker.remove(request_id)
+        metrics.record_request(endpoint, final, time.perf_counter() - start)
+
+
+def _aborted_chunk(request_id: str, req: GenerationRequest, last: GenerationChunk | None) -> GenerationChunk:
+    return GenerationChunk(
+        request_id,
+        [],
+        "",
+        True,
+        "abort",
+        len(req.prompt_ids),
+        last.cached_tokens if last else 0,
+        last.completion_tokens if last else 0,
+    )
