@@ -42,8 +42,12 @@ async def _proxied(request: web.Request, kind: str) -> web.StreamResponse:
         elif not isinstance(model, str):
             raise GatewayError(400, "'model' must be a string", param="model")
         elif served and model not in served:
-            raise GatewayError(404, f"the model '{model}' does not exist; served: {', '.join(served)}",
-                               param="model", code="model_not_found")  # fmt: skip
+            raise GatewayError(
+                404,
+                f"the model '{model}' does not exist; served: {', '.join(served)}",
+                param="model",
+                code="model_not_found",
+            )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise GatewayError(400, "'stream' must be a boolean", param="stream")
@@ -77,8 +81,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     authenticate(request, state.config.api_keys)
-    data = [{"id": m, "object": "model", "created": int(state.started), "owned_by": "prefixgate"}
-            for m in state.served_models()]  # fmt: skip
+    data = [
+        {"id": m, "object": "model", "created": int(state.started), "owned_by": "prefixgate"}
+        for m in state.served_models()
+    ]
     return web.json_response({"object": "list", "data": data})
 
 

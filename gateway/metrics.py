@@ -53,19 +53,27 @@ class GatewayMetrics:
             "prefixgate_routing_decisions", "Routing decisions", ["policy", "reason", "worker"], registry=r
         )
         self.retries = Counter("prefixgate_retries", "Requests retried on another worker", registry=r)
-        self.ttft = Histogram("prefixgate_ttft_seconds", "Time to first byte of output", buckets=_LATENCY_BUCKETS,
-                              registry=r)  # fmt: skip
-        self.latency = Histogram("prefixgate_request_seconds", "End-to-end request latency",
-                                 buckets=_LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.ttft = Histogram(
+            "prefixgate_ttft_seconds", "Time to first byte of output", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.latency = Histogram(
+            "prefixgate_request_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.worker_load = Gauge(
             "prefixgate_worker_load", "In-flight requests per worker", ["worker"], registry=r
         )
-        self.worker_healthy = Gauge("prefixgate_worker_healthy", "1 if the worker is available", ["worker"],
-                                    registry=r)  # fmt: skip
-        self.index_blocks = Gauge("prefixgate_index_blocks", "Blocks per worker and tier in the index",
-                                  ["worker", "tier"], registry=r)  # fmt: skip
-        self.store_degraded = Gauge("prefixgate_store_degraded", "1 while the shared store is unreachable",
-                                    registry=r)  # fmt: skip
+        self.worker_healthy = Gauge(
+            "prefixgate_worker_healthy", "1 if the worker is available", ["worker"], registry=r
+        )
+        self.index_blocks = Gauge(
+            "prefixgate_index_blocks",
+            "Blocks per worker and tier in the index",
+            ["worker", "tier"],
+            registry=r,
+        )
+        self.store_degraded = Gauge(
+            "prefixgate_store_degraded", "1 while the shared store is unreachable", registry=r
+        )
         self.recent: deque[RequestRecord] = deque(maxlen=recent)
         self.totals: Tally[str] = Tally()
         self.reasons: Tally[str] = Tally()

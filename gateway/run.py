@@ -20,8 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser, workers_required: bool = True
     parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8080)
     if workers_required:
-        parser.add_argument("--worker", action="append", default=[], metavar="URL",
-                            help="a worker's base URL (our engine, SGLang, or any OpenAI-compatible server)")  # fmt: skip
+        parser.add_argument(
+            "--worker",
+            action="append",
+            default=[],
+            metavar="URL",
+            help="a worker's base URL (our engine, SGLang, or any OpenAI-compatible server)",
+        )
     parser.add_argument(
         "--model", default=None, help="tokenizer source (.gguf or HF dir); default: bundled model"
     )
@@ -32,12 +37,24 @@ def add_arguments(parser: argparse.ArgumentParser, workers_required: bool = True
     parser.add_argument("--redis", default=None, metavar="URL", help="share the index with other replicas")
     parser.add_argument("--redis-key-prefix", default="prefixgate:")
     parser.add_argument("--no-kv-events", action="store_true", help="do not subscribe to workers' KV events")
-    parser.add_argument("--api-keys", default=None, metavar="FILE",
-                        help='JSON {"<key>": {"tenant": "name", "salt": "..."}}; requests then need a key')  # fmt: skip
-    parser.add_argument("--admin-key-env", default="PREFIXGATE_ADMIN_KEY",
-                        help="environment variable holding the admin key (admin routes are off without it)")  # fmt: skip
-    parser.add_argument("--allow-worker-url", action="append", default=[], metavar="PREFIX",
-                        help="URL prefix admins may attach (default: loopback only)")  # fmt: skip
+    parser.add_argument(
+        "--api-keys",
+        default=None,
+        metavar="FILE",
+        help='JSON {"<key>": {"tenant": "name", "salt": "..."}}; requests then need a key',
+    )
+    parser.add_argument(
+        "--admin-key-env",
+        default="PREFIXGATE_ADMIN_KEY",
+        help="environment variable holding the admin key (admin routes are off without it)",
+    )
+    parser.add_argument(
+        "--allow-worker-url",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="URL prefix admins may attach (default: loopback only)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, workers: list[str]) -> GatewayConfig:
@@ -64,8 +81,13 @@ def config_from_args(args: argparse.Namespace, workers: list[str]) -> GatewayCon
 
 
 def serve_gateway(config: GatewayConfig) -> None:
-    log.info("gateway on http://%s:%d (policy %s, %d workers)", config.host, config.port,
-             config.routing.policy, len(config.workers))  # fmt: skip
+    log.info(
+        "gateway on http://%s:%d (policy %s, %d workers)",
+        config.host,
+        config.port,
+        config.routing.policy,
+        len(config.workers),
+    )
     web.run_app(create_app(config), host=config.host, port=config.port, print=None, access_log=None)
 
 

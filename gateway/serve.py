@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from gateway import run as gateway_run
 
@@ -23,8 +24,13 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     gateway_run.add_arguments(parser, workers_required=False)
     parser.add_argument("--workers", type=int, default=1, help="embedded engine workers to start")
-    parser.add_argument("--engine-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for each engine, e.g. --engine-arg=--max-batch-tokens=256")  # fmt: skip
+    parser.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for each engine, e.g. --engine-arg=--max-batch-tokens=256",
+    )
     parser.add_argument("--startup-timeout", type=float, default=600.0)
 
 
@@ -34,16 +40,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class LaunchedWorker:
+    url: str
+    process: subprocess.Popen
+
+
 @contextlib.contextmanager
-def engine_workers(count: int, model: str | None, extra: list[str], timeout: float) -> Iterator[list[str]]:
-    """Start ``count`` engine servers on loopback, wait until healthy, yield their URLs, stop them."""
+def engine_workers(
+    count: int, model: str | None, extra: list[str], timeout: float
+) -> Iterator[list[LaunchedWorker]]:
+    """Start ``count`` engine servers on loopback, wait until healthy, yield them, stop them."""
     procs: list[subprocess.Popen] = []
     urls: list[str] = []
     try:
         for _ in range(count):
             port, events = free_port(), free_port()
-            cmd = [sys.executable, "-m", "gateway.cli", "engine", "--host", "127.0.0.1", "--port", str(port),
-                   "--kv-events-endpoint", f"tcp://127.0.0.1:{events}", *extra]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "engine",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--kv-events-endpoint",
+                f"tcp://127.0.0.1:{events}",
+                *extra,
+            ]
             if model:
                 cmd += ["--model", model]
             procs.append(subprocess.Popen(cmd, start_new_session=True))
@@ -59,7 +84,7 @@ def engine_workers(count: int, model: str | None, extra: list[str], timeout: flo
                     raise RuntimeError(f"engine worker {url} not healthy after {timeout:.0f} s")
                 time.sleep(0.5)
             log.info("engine worker ready at %s", url)
-        yield urls
+        yield [LaunchedWorker(url, proc) for url, proc in zip(urls, procs, strict=True)]
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -80,6 +105,6 @@ def _healthy(url: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    with engine_workers(args.workers, args.model, args.engine_arg, args.startup_timeout) as urls:
-        gateway_run.serve_gateway(gateway_run.config_from_args(args, urls))
+    with engine_workers(args.workers, args.model, args.engine_arg, args.startup_timeout) as launched:
+        gateway_run.serve_gateway(gateway_run.config_from_args(args, [w.url for w in launched]))
     return 0

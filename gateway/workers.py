@@ -106,8 +106,13 @@ class WorkerPool:
         if models and models.get("data"):
             worker.model_id = worker.model_id or models["data"][0].get("id")
         worker.healthy = info is not None or models is not None
-        log.info("worker %s: kind=%s model=%s events=%s", worker.url, worker.kind, worker.model_id,
-                 worker.kv_events_endpoint)  # fmt: skip
+        log.info(
+            "worker %s: kind=%s model=%s events=%s",
+            worker.url,
+            worker.kind,
+            worker.model_id,
+            worker.kv_events_endpoint,
+        )
 
     async def check(self, worker: Worker) -> None:
         if worker.native:
@@ -138,8 +143,12 @@ class WorkerPool:
         worker.consecutive_failures += 1
         if worker.consecutive_failures >= self.failure_threshold:
             worker.circuit_open_until = time.monotonic() + self.circuit_open_s
-            log.warning("worker %s: %d failures in a row, circuit open for %.0f s",
-                        worker.url, worker.consecutive_failures, self.circuit_open_s)  # fmt: skip
+            log.warning(
+                "worker %s: %d failures in a row, circuit open for %.0f s",
+                worker.url,
+                worker.consecutive_failures,
+                self.circuit_open_s,
+            )
 
     @contextlib.contextmanager
     def dispatch(self, worker: Worker) -> Iterator[None]:

@@ -13,8 +13,10 @@ from gateway.workers import Worker
 
 
 def workers(*loads: int) -> list[Worker]:
-    return [Worker(url=f"http://w{i}", worker_id=f"w{i}", healthy=True, in_flight=load)
-            for i, load in enumerate(loads)]  # fmt: skip
+    return [
+        Worker(url=f"http://w{i}", worker_id=f"w{i}", healthy=True, in_flight=load)
+        for i, load in enumerate(loads)
+    ]
 
 
 def hit(blocks: int, host: int = 0) -> MatchResult:
