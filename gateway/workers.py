@@ -98,7 +98,7 @@ class WorkerPool:
         """Detect what the worker speaks; marks it healthy if it answers at all."""
         info = await self._get_json(worker, "/get_server_info")
         if info is not None:
-            worker.kind = "prefixgate" if info.get("prefixgate") else "sglang"
+            worker.kind = "prefixgate" if str(info.get("kv_block_hash", "")).startswith("prefixgate/") else "sglang"
             worker.page_size = int(info.get("page_size") or worker.page_size)
             worker.kv_events_endpoint = info.get("kv_events_endpoint") or None
             worker.model_id = info.get("served_model_name") or worker.model_id
