@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import math
 import os
@@ -109,6 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-block-size", type=int, default=16, help="block size of the ideal cache for reuse"
     )
     out.add_argument("--no-plots", action="store_true")
+    out.add_argument(
+        "--pause-between-runs", type=float, default=2.0, help="seconds of quiet between compared runs"
+    )
     out.add_argument("--label", default=None, help="name of a single run (default: the base URL)")
 
     comp = parser.add_argument_group("comparison")
@@ -191,7 +195,9 @@ def build_workload(args: argparse.Namespace, vocab: WordVocabulary) -> Workload:
     )
 
 
+@functools.lru_cache(maxsize=4)  # a pure memo: parsing a GGUF vocabulary takes seconds
 def load_tokenizer(path: str | None):
+    """The tokenizer of ``path`` (a GGUF file or HF directory); None: the bundled SmolLM2."""
     from engine.tokenizer import Tokenizer
     from engine.weights import default_model_path
 
@@ -224,6 +230,7 @@ async def _main(args: argparse.Namespace) -> int:
         flush_cache=args.flush_cache if args.flush_cache is not None else len(targets) > 1,
         admin_key=args.admin_key,
         plots=not args.no_plots,
+        pause_between_runs_s=args.pause_between_runs,
     )
     async with make_session() as session:
         model = args.model
