@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+from loadgen.admin import AdminCallError
 from loadgen.bench import BenchConfig, Target, run_targets
 from loadgen.metrics import SLO
 from loadgen.prompts import PromptRenderer, RequestOptions
@@ -261,6 +262,6 @@ async def _main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_main(args))
-    except ValueError as exc:
+    except (ValueError, AdminCallError) as exc:
         log.error("%s", exc)
         return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from loadgen.client import RequestRecord, stream_request
 from loadgen.prompts import RenderedRequest
 from loadgen.workloads.base import Conversation, Turn, Workload
 
+log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 6 * 3600.0  # as SGLang's bench client: a stuck request shows as an error, not a hang
 READ_BUFSIZE_BYTES = 10 * 1024**2
 
@@ -189,6 +191,8 @@ async def run_load(
         rendered = renderer.render(conversation, [], conversation.turns[0])
         await run.send(conversation, 0, rendered, warmup=True, scheduled_s=None, dispatch_s=run.now_s())
 
+    if warmup and not any(r.success for r in run.records):
+        log.warning("every warm-up request failed (first: %s); measuring anyway", run.records[0].error)
     run.origin = time.perf_counter()  # the benchmark clock starts after warm-up
     slot = asyncio.Semaphore(load.concurrency) if load.concurrency else contextlib.nullcontext()
     tasks = []
