@@ -72,6 +72,7 @@ async def generate_chunks(
     tracker.add(request_id)
     start = last = time.perf_counter()
     final: GenerationChunk | None = None
+    cancelled = False
     try:
         stream = state.async_engine.generate(req.prompt_ids, req.sampling, request_id)
         try:
@@ -86,11 +87,15 @@ async def generate_chunks(
                 final = chunk
                 yield chunk
         except asyncio.CancelledError:
+            cancelled = True
             if not tracker.was_aborted(request_id):
-                raise  # client disconnect or shutdown: ``generate`` already aborted the request
+                raise  # the client went away: closing ``stream`` aborts the request
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             final = _aborted_chunk(request_id, req, final)
             yield final
+        except GeneratorExit:  # the caller stopped early: done, or it went away mid-write
+            cancelled = True
+            raise
         finally:
             await stream.aclose()
     except ValueError as exc:  # the engine refused the request before queueing it
@@ -99,7 +104,7 @@ async def generate_chunks(
         raise ApiError(503 if state.draining else 500, str(exc), code="engine_error") from None
     finally:
         tracker.remove(request_id)
-        metrics.record_request(endpoint, final, time.perf_counter() - start)
+        metrics.record_request(endpoint, final, time.perf_counter() - start, cancelled)
 
 
 def _aborted_chunk(request_id: str, req: GenerationRequest, last: GenerationChunk | None) -> GenerationChunk:

@@ -97,6 +97,7 @@ class KVEventPublisher:
             socket.setsockopt(zmq.SNDHWM, self.hwm)
             socket.setsockopt(zmq.LINGER, 1000)
             socket.bind(self.endpoint)
+            self.endpoint = socket.getsockopt_string(zmq.LAST_ENDPOINT)  # resolves a wildcard port
         except zmq.ZMQError as exc:
             self._error = exc
             socket.close(linger=0)

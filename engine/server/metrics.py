@@ -75,9 +75,11 @@ class ServerMetrics:
             Gauge(f"{p}_{name}", doc, registry=r).set_function(read)
         Gauge(f"{p}_info", "Served model", ["model"], registry=r).labels(model).set(1)
 
-    def record_request(self, endpoint: str, final: GenerationChunk | None, seconds: float) -> None:
-        """Count one request that reached the engine (``final`` is None when it failed before any output)."""
-        reason = final.finish_reason if final and final.finished else "error"
+    def record_request(
+        self, endpoint: str, final: GenerationChunk | None, seconds: float, cancelled: bool = False
+    ) -> None:
+        """Count one request (``final``: its last chunk, None when it failed before any output)."""
+        reason = final.finish_reason if final and final.finished else "abort" if cancelled else "error"
         self.requests.labels(endpoint, reason or "error").inc()
         if final is None:
             return
