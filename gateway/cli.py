@@ -15,6 +15,7 @@ import sys
 SUBCOMMANDS = {
     "serve": ("gateway.serve", "the main job: start engine workers and the gateway in front of them"),
     "gateway": ("gateway.run", "run the gateway in front of workers that already run (--worker URL ...)"),
+    "bench": ("loadgen.cli", "load-generate against any OpenAI-compatible endpoint and report metrics"),
     "engine": ("engine.server.cli", "run one embedded engine worker (OpenAI + SGLang-compatible HTTP API)"),
 }
 

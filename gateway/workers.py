@@ -33,6 +33,7 @@ class Worker:
     consecutive_failures: int = 0
     circuit_open_until: float = 0.0
     routed: int = 0
+    events_ingested: bool = False  # the gateway consumes this worker's KV events (set by GatewayState)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -51,7 +52,7 @@ class Worker:
     @property
     def precise(self) -> bool:
         """Its KV events keep the index exact; otherwise the gateway inserts approximate entries."""
-        return self.kv_events_endpoint is not None
+        return self.events_ingested
 
     def describe(self) -> dict:
         return {
@@ -98,7 +99,9 @@ class WorkerPool:
         """Detect what the worker speaks; marks it healthy if it answers at all."""
         info = await self._get_json(worker, "/get_server_info")
         if info is not None:
-            worker.kind = "prefixgate" if str(info.get("kv_block_hash", "")).startswith("prefixgate/") else "sglang"
+            worker.kind = (
+                "prefixgate" if str(info.get("kv_block_hash", "")).startswith("prefixgate/") else "sglang"
+            )
             worker.page_size = int(info.get("page_size") or worker.page_size)
             worker.kv_events_endpoint = info.get("kv_events_endpoint") or None
             worker.model_id = info.get("served_model_name") or worker.model_id
