@@ -8,6 +8,7 @@ holds of its prefix, and the session's pinned worker — and the available worke
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ def _within_bound(worker: Worker, workers: list[Worker], factor: float) -> bool:
     """Bounded-load guard (consistent hashing with bounded loads): taking one more request must not
     push a worker past ``factor`` x the mean load after this request."""
     total = sum(w.load for w in workers) + 1
-    return worker.load + 1 <= max(1.0, factor * total / len(workers))
+    return worker.load + 1 <= math.ceil(factor * total / len(workers))
 
 
 class Session(Policy):

@@ -70,7 +70,7 @@ class Router:
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
                 prompt = prompt[0]  # a batch of one
             if isinstance(prompt, str):
-                ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+                ids = self.tokenizer.encode(prompt, add_special_tokens=True)  # as the engine server does
             elif isinstance(prompt, list) and all(
                 isinstance(t, int) and not isinstance(t, bool) for t in prompt
             ):

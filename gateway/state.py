@@ -95,13 +95,17 @@ class GatewayState:
         return True
 
     def _ensure_event_feed(self, worker: Worker) -> None:
-        if not (self.config.ingest_kv_events and worker.precise) or worker.worker_id in self._event_tasks:
+        if (
+            not (self.config.ingest_kv_events and worker.kv_events_endpoint)
+            or worker.worker_id in self._event_tasks
+        ):
             return
         assert worker.kv_events_endpoint is not None
         consumer = KVEventConsumer(WorkerFeed(worker.worker_id, worker.kv_events_endpoint), self._apply_ops)
         self._event_tasks[worker.worker_id] = asyncio.create_task(
             consumer.run(), name=f"kv-events-{worker.url}"
         )
+        worker.events_ingested = True
 
     async def _apply_ops(self, ops: list[IndexOp]) -> None:
         await self.store.append_many(ops)

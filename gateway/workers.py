@@ -29,7 +29,8 @@ class Worker:
     kv_events_endpoint: str | None = None  # ZMQ PUB address when the worker publishes KV events
     healthy: bool = False
     in_flight: int = 0
-    reported_load: int = 0
+    reported_load: int = 0  # running + waiting as the worker last reported it
+    external_load: int = 0  # of that, requests not sent by this gateway (other replicas, direct clients)
     consecutive_failures: int = 0
     circuit_open_until: float = 0.0
     routed: int = 0
@@ -38,8 +39,9 @@ class Worker:
 
     @property
     def load(self) -> int:
-        # The worker's own count includes our in-flight requests once they reach it.
-        return max(self.in_flight, self.reported_load)
+        # Our in-flight count is exact and current; the worker's report is up to one health interval
+        # old, so only its excess over what we had in flight at that moment is added.
+        return self.in_flight + self.external_load
 
     @property
     def available(self) -> bool:
@@ -125,6 +127,7 @@ class WorkerPool:
                 load = load[0]
             if isinstance(load, dict):
                 worker.reported_load = int(load.get("num_reqs", 0)) + int(load.get("num_waiting_reqs", 0))
+                worker.external_load = max(0, worker.reported_load - worker.in_flight)
         else:
             ok = await self._get_ok(worker, "/v1/models")
         if ok and not worker.healthy:
