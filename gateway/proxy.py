@@ -146,13 +146,16 @@ class Proxy:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
-        started = False
+        started = skip_blank = False
         texts: list[str] = []
         try:
             async for line in upstream.content:
                 if not started:
                     await response.prepare(request)
                     started = True
+                if skip_blank and line.strip() == b"":
+                    skip_blank = False
+                    continue  # the separator after a chunk we dropped
                 if line.startswith(b"data: {"):
                     chunk = orjson.loads(line[6:])
                     if outcome.ttft_s is None and _chunk_text(chunk):
@@ -167,6 +170,7 @@ class Proxy:
                         and not wants_usage
                         and req.kind != "generate"
                     ):
+                        skip_blank = True
                         continue  # the usage chunk we asked for on the client's behalf
                     if chunk.get("error"):
                         outcome.error = str(chunk["error"].get("message", "error"))

@@ -88,7 +88,16 @@ def serve_gateway(config: GatewayConfig) -> None:
         config.routing.policy,
         len(config.workers),
     )
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None, access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler, which closes the upstream
+    # connection, which makes the worker abort the request and free its KV pages.
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        print=None,
+        access_log=None,
+        handler_cancellation=True,
+    )
 
 
 def run(args: argparse.Namespace) -> int:

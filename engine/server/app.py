@@ -98,7 +98,10 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     """Serve ``app`` on ``host:port`` (0 = any free port); returns the runner and the bound port.
     Handler cancellation is on, so a client that disconnects aborts its request."""
     runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=app[STATE].settings.shutdown_grace_s + 10
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=app[STATE].settings.shutdown_grace_s + 10,
+        access_log=None,  # health probes every few seconds would drown the log; metrics count requests
     )
     await runner.setup()
     site = web.TCPSite(runner, host, port)

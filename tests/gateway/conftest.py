@@ -27,7 +27,7 @@ def two_workers() -> Iterator[list[str]]:
 @contextlib.asynccontextmanager
 async def running_gateway(config: GatewayConfig) -> AsyncIterator[tuple[str, web.Application]]:
     app = create_app(config)
-    server = TestServer(app, host="127.0.0.1")
+    server = TestServer(app, host="127.0.0.1", handler_cancellation=True)  # as `prefixgate serve` runs
     await server.start_server()
     try:
         yield f"http://127.0.0.1:{server.port}", app
