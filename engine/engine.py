@@ -51,6 +51,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def scheduler_config(config: EngineConfig) -> SchedulerConfig:
+    # Every running sequence decodes one token per step, so no more than the step's token budget can
+    # run at once: a small budget (say 32) caps concurrency rather than failing the scheduler's check.
+    max_running = min(config.max_running, config.max_batch_tokens)
+    return SchedulerConfig(config.page_size, config.max_batch_tokens, max_running)
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     """Facts discovered while loading, kept apart from the config."""
@@ -105,11 +112,7 @@ class LLMEngine:
         )
         self.pool = PagePool(num_pages)
         self.cache = PrefixCache(self.pool, config.page_size, hasher, listener)
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.page_size, config.max_batch_tokens, config.max_running),
-            self.pool,
-            self.cache,
-        )
+        self.scheduler = Scheduler(scheduler_config(config), self.pool, self.cache)
         eos = tuple(sorted(set(model_cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
         self.info = EngineInfo(
             model_id=config.model_id or path.name.removesuffix(".gguf"),
