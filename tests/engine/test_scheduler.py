@@ -103,7 +103,9 @@ def path_pages(cache: PrefixCache, node: Node | None) -> list[int]:
 
 
 def check_invariants(sched: Scheduler) -> None:
-    pool, cache = sched.pool, sched.cache
+    """Every page is owned exactly once (free, tree, or one running sequence's private pages);
+    lock counts equal the running sequences that hold each tree node; pages cover computed tokens."""
+    pool, cache, page_size = sched.pool, sched.cache, sched.config.page_size
     owners: dict[int, str] = {p: "free" for p in pool._free}
     assert len(owners) == pool.num_free, "a page is on the free list twice"
 
@@ -119,8 +121,8 @@ def check_invariants(sched: Scheduler) -> None:
     expected_locks = dict.fromkeys(map(id, nodes), 0)
     for seq in sched.running:
         assert seq.status is Status.RUNNING
-        assert len(seq.pages) * PS >= seq.num_computed, "pages cover the computed tokens"
-        assert seq.num_tree_pages * PS <= seq.num_computed
+        assert len(seq.pages) * page_size >= seq.num_computed, "pages cover the computed tokens"
+        assert seq.num_tree_pages * page_size <= seq.num_computed
         assert seq.pages[: seq.num_tree_pages] == path_pages(cache, seq.cache_node)
         for p in seq.pages[seq.num_tree_pages :]:
             own(p, seq.request_id)
