@@ -63,9 +63,51 @@ def make(
     return Sequence(request_id, list(prompt), params, frozenset({EOS}) if eos else frozenset(), max_total)
 
 
-def build(num_pages: int = 64, budget: int = 32, max_running: int = 8) -> Scheduler:
+def build(num_pages: int = 64, budget: int = 32, max_running: int = 8, listener=None) -> Scheduler:
     pool = PagePool(num_pages)
-    return Scheduler(SchedulerConfig(PS, budget, max_running), pool, PrefixCache(pool, PS))
+    cache = PrefixCache(pool, PS, chained_hashes if listener else None, listener)
+    return Scheduler(SchedulerConfig(PS, budget, max_running), pool, cache)
+
+
+def chained_hashes(parent: int | None, token_ids: list[int]) -> list[int]:
+    out, h = [], parent if parent is not None else 0
+    for i in range(0, len(token_ids), PS):
+        h = hash((h, *token_ids[i : i + PS]))
+        out.append(h)
+    return out
+
+
+class EventMirror:
+    """What a KV event consumer (the gateway's index) learns: the set of stored block hashes."""
+
+    def __init__(self) -> None:
+        self.hashes: set[int] = set()
+
+    def stored(self, parent_hash: int | None, hashes: list[int], token_ids: list[int]) -> None:
+        assert parent_hash is None or parent_hash in self.hashes, "stored under an unknown parent"
+        assert hashes == chained_hashes(parent_hash, token_ids)
+        assert self.hashes.isdisjoint(hashes), "stored twice"
+        self.hashes.update(hashes)
+
+    def removed(self, hashes: list[int]) -> None:
+        assert self.hashes.issuperset(hashes), "removed a block never stored"
+        self.hashes.difference_update(hashes)
+
+    def cleared(self) -> None:
+        self.hashes.clear()
+
+    def check(self, cache: PrefixCache) -> None:
+        """The mirror equals the tree, and every block's hash is the chain of its whole prefix."""
+        expected: set[int] = set()
+        for node in tree_nodes(cache):
+            tokens, up = [], node
+            while up is not cache.root:
+                tokens[:0] = up.key
+                up = up.parent
+            chain = chained_hashes(None, tokens)
+            assert node.hashes == chain[-len(node.pages) :]
+            expected.update(node.hashes)
+        assert self.hashes == expected
 
 
 def step(sched: Scheduler, runner: FakeRunner) -> Batch | None:
@@ -358,8 +400,11 @@ def workloads(draw: st.DrawFn) -> dict:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads(), st.data())
-def test_random_arrivals_aborts_and_steps_keep_every_invariant(work: dict, data: st.DataObject) -> None:
-    sched = build(work["num_pages"], work["budget"], min(work["max_running"], work["budget"]))
+def test_random_arrivals_aborts_and_steps_keep_every_invariant_and_kv_events(
+    work: dict, data: st.DataObject
+) -> None:
+    mirror = EventMirror()
+    sched = build(work["num_pages"], work["budget"], min(work["max_running"], work["budget"]), mirror)
     context = work["num_pages"] * PS  # as the engine does: the context never exceeds the pool
     runner = FakeRunner(lambda seq: data.draw(st.integers(0, 7), label="token"))  # 0 = EOS
     ids = itertools.count()
@@ -378,7 +423,9 @@ def test_random_arrivals_aborts_and_steps_keep_every_invariant(work: dict, data:
         elif sched.has_work():
             assert step(sched, runner) is not None, "the scheduler stalled with work left"
         check_invariants(sched)
+        mirror.check(sched.cache)
     run_all(sched, runner)
+    mirror.check(sched.cache)
     event(f"preempted: {sched.num_preemptions > 0}")
     event(f"cache hit: {any(s.num_cached_prompt for s in seqs)}")
     for seq in seqs:
@@ -386,3 +433,4 @@ def test_random_arrivals_aborts_and_steps_keep_every_invariant(work: dict, data:
         if seq.finish_reason is not FinishReason.ABORT:
             assert 1 <= len(seq.output_ids) <= seq.sampling.max_tokens
     check_idle(sched)
+    assert mirror.hashes == set()
