@@ -7,13 +7,19 @@ index, at routing time) and actual (from the worker's ``usage.prompt_tokens_deta
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter as Tally
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+# Per output token: time per output token (per request) and inter-token latency (per stream chunk).
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
+# The bucket bounds /stats and the cluster counters use for TTFT and TPOT (same as the histograms).
+HISTOGRAM_BOUNDS = {"ttft": _LATENCY_BUCKETS, "tpot": TOKEN_BUCKETS}
 
 
 @dataclass
@@ -35,6 +41,13 @@ class RequestRecord:
     ttft_s: float | None
     latency_s: float
     error: str | None = None
+    tpot_s: float | None = None  # (latency - ttft) / (completion_tokens - 1), streamed requests only
+
+    @staticmethod
+    def time_per_output_token(ttft_s: float | None, latency_s: float, completion_tokens: int) -> float | None:
+        if ttft_s is None or completion_tokens < 2:
+            return None
+        return max(0.0, latency_s - ttft_s) / (completion_tokens - 1)
 
 
 class GatewayMetrics:
@@ -52,12 +65,32 @@ class GatewayMetrics:
         self.decisions = Counter(
             "prefixgate_routing_decisions", "Routing decisions", ["policy", "reason", "worker"], registry=r
         )
+        self.prompt_tokens_reported = Counter(
+            "prefixgate_prompt_tokens_reported",
+            "Prompt tokens of requests whose worker reported cached_tokens (the actual hit rate's denominator)",
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "prefixgate_completion_tokens", "Completion tokens workers reported (usage)", registry=r
+        )
         self.retries = Counter("prefixgate_retries", "Requests retried on another worker", registry=r)
         self.ttft = Histogram(
             "prefixgate_ttft_seconds", "Time to first byte of output", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.latency = Histogram(
             "prefixgate_request_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "prefixgate_tpot_seconds",
+            "Time per output token after the first, per streamed request",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "prefixgate_itl_seconds",
+            "Inter-token latency: time between two streamed chunks with text",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
         self.worker_load = Gauge(
             "prefixgate_worker_load", "In-flight requests per worker", ["worker"], registry=r
@@ -79,13 +112,19 @@ class GatewayMetrics:
         self.reasons: Tally[str] = Tally()
         self.started = time.time()
 
-    def record(self, rec: RequestRecord) -> None:
+    def record(self, rec: RequestRecord, inter_token_s: Sequence[float] = ()) -> None:
         self.recent.append(rec)
         self.requests.labels(rec.worker, str(rec.status)).inc()
         self.latency.observe(rec.latency_s)
+        t = self.totals
         if rec.ttft_s is not None:
             self.ttft.observe(rec.ttft_s)
-        t = self.totals
+            t[bucket_key("ttft", rec.ttft_s)] += 1
+        if rec.tpot_s is not None:
+            self.tpot.observe(rec.tpot_s)
+            t[bucket_key("tpot", rec.tpot_s)] += 1
+        for gap in inter_token_s:
+            self.itl.observe(gap)
         t["requests"] += 1
         t["errors"] += rec.status >= 400
         if rec.status < 400:
@@ -97,7 +136,9 @@ class GatewayMetrics:
                 t["reported_prompt_tokens"] += rec.prompt_tokens
                 t["cached_tokens"] += rec.cached_tokens
                 self.cached_actual.inc(rec.cached_tokens)
+                self.prompt_tokens_reported.inc(rec.prompt_tokens)
             t["completion_tokens"] += rec.completion_tokens
+            self.completion_tokens.inc(rec.completion_tokens)
 
     def decision(self, policy: str, reason: str, worker: str) -> None:
         self.decisions.labels(policy, reason, worker).inc()
@@ -105,8 +146,9 @@ class GatewayMetrics:
 
     def summary(self) -> dict:
         t = self.totals
-        prompt, reported = t["prompt_tokens"], t["reported_prompt_tokens"]
+        prompt = t["prompt_tokens"]
         ttfts = sorted(r.ttft_s for r in self.recent if r.ttft_s is not None)
+        tpots = sorted(r.tpot_s for r in self.recent if r.tpot_s is not None)
         return {
             "requests": t["requests"],
             "errors": t["errors"],
@@ -114,17 +156,37 @@ class GatewayMetrics:
             "completion_tokens": t["completion_tokens"],
             "cached_tokens": t["cached_tokens"],
             "predicted_cached_tokens": t["predicted_cached_tokens"],
-            "hit_rate_actual": t["cached_tokens"] / reported if reported else 0.0,
-            "hit_rate_predicted": t["predicted_cached_tokens"] / prompt if prompt else 0.0,
+            **hit_rates(t),
             "prompt_tokens_saved": t["cached_tokens"],
             "ttft_p50_s": _pct(ttfts, 0.5),
+            "ttft_p90_s": _pct(ttfts, 0.9),
             "ttft_p99_s": _pct(ttfts, 0.99),
+            "tpot_p50_s": _pct(tpots, 0.5),
+            "tpot_p90_s": _pct(tpots, 0.9),
+            "tpot_p99_s": _pct(tpots, 0.99),
+            "latency_window": len(self.recent),  # the percentiles are over the last this-many requests
             "routing": dict(self.reasons),
             "uptime_s": time.time() - self.started,
         }
 
     def recent_requests(self, limit: int = 50) -> list[dict]:
         return [asdict(r) for r in list(self.recent)[-limit:]]
+
+
+def hit_rates(totals: Mapping[str, int]) -> dict[str, float]:
+    """Actual = cached / prompt tokens of the requests whose worker reported usage (so workers that report
+    nothing do not dilute it); predicted = what the index promised / all prompt tokens routed."""
+    reported, prompt = totals.get("reported_prompt_tokens", 0), totals.get("prompt_tokens", 0)
+    return {
+        "hit_rate_actual": totals.get("cached_tokens", 0) / reported if reported else 0.0,
+        "hit_rate_predicted": totals.get("predicted_cached_tokens", 0) / prompt if prompt else 0.0,
+    }
+
+
+def bucket_key(histogram: str, value: float) -> str:
+    """The totals key counting ``value`` in its bucket: ``ttft_le_3`` = bucket ``(bounds[2], bounds[3]]``;
+    index ``len(bounds)`` is the +Inf bucket. Counts are per bucket, not cumulative."""
+    return f"{histogram}_le_{bisect_left(HISTOGRAM_BOUNDS[histogram], value)}"
 
 
 def _pct(values: list[float], q: float) -> float | None:

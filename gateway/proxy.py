@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
@@ -38,6 +38,8 @@ class _Outcome:
     text: str = ""
     ttft_s: float | None = None
     error: str | None = None
+    last_text_at: float | None = None  # perf_counter of the last streamed chunk with text
+    inter_token_s: list[float] = field(default_factory=list)
 
 
 def _cached_tokens(usage: dict | None) -> int | None:
@@ -158,9 +160,15 @@ class Proxy:
                     continue  # the separator after a chunk we dropped
                 if line.startswith(b"data: {"):
                     chunk = orjson.loads(line[6:])
-                    if outcome.ttft_s is None and _chunk_text(chunk):
-                        outcome.ttft_s = time.perf_counter() - req.received
-                    texts.append(_chunk_text(chunk))
+                    text = _chunk_text(chunk)
+                    if text:
+                        now = time.perf_counter()
+                        if outcome.ttft_s is None:
+                            outcome.ttft_s = now - req.received
+                        elif outcome.last_text_at is not None:
+                            outcome.inter_token_s.append(now - outcome.last_text_at)
+                        outcome.last_text_at = now
+                    texts.append(text)
                     usage = chunk.get("usage") or chunk.get("meta_info")
                     if usage:
                         outcome.usage = usage
@@ -191,6 +199,8 @@ class Proxy:
 
     def _record(self, req: PreparedRequest, decision: Decision, outcome: _Outcome) -> None:
         usage = outcome.usage or {}
+        latency_s = time.perf_counter() - req.received
+        completion_tokens = int(usage.get("completion_tokens") or 0)
         self.metrics.record(
             RequestRecord(
                 time=time.time(),
@@ -204,11 +214,13 @@ class Proxy:
                 prompt_tokens=int(usage.get("prompt_tokens") or len(req.prompt_ids)),
                 predicted_cached_tokens=decision.predicted_cached_tokens,
                 cached_tokens=_cached_tokens(usage),
-                completion_tokens=int(usage.get("completion_tokens") or 0),
+                completion_tokens=completion_tokens,
                 ttft_s=outcome.ttft_s,
-                latency_s=time.perf_counter() - req.received,
+                latency_s=latency_s,
                 error=outcome.error,
-            )
+                tpot_s=RequestRecord.time_per_output_token(outcome.ttft_s, latency_s, completion_tokens),
+            ),
+            outcome.inter_token_s,
         )
 
 
