@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from gateway import handlers
+from gateway import dashboard, handlers
 from gateway.config import GatewayConfig
 from gateway.errors import error_middleware
 from gateway.state import STATE, GatewayState
@@ -28,6 +28,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/stats", handlers.stats)
+    dashboard.add_routes(app)
     app.router.add_get("/admin/workers", handlers.list_workers)
     app.router.add_post("/admin/workers", handlers.add_worker)
     app.router.add_delete("/admin/workers", handlers.remove_worker)

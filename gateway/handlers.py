@@ -111,7 +111,14 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[STATE].stats())
+    since = request.query.get("since")
+    try:
+        since_t = float(since) if since is not None else None
+    except ValueError:
+        raise GatewayError(
+            400, f"'since' must be a unix time in seconds, got {since!r}", param="since"
+        ) from None
+    return web.json_response(await request.app[STATE].stats(since_t))
 
 
 # -- admin -------------------------------------------------------------------------------------------

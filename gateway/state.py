@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from cache.zmq_consumer import KVEventConsumer, WorkerFeed
 from engine.tokenizer import Tokenizer
 from engine.weights import default_model_path
 from gateway.config import GatewayConfig
+from gateway.dashboard import Dashboard, drop_dashboard_counters
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.router import Router
@@ -32,11 +34,14 @@ class GatewayState:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.started = time.time()
+        self.replica_id = uuid.uuid4().hex[:12]  # names this replica in the shared dashboard counters
         self.metrics = GatewayMetrics(config.recent_requests)
         index_config = RadixIndexConfig(approx_ttl_s=config.routing.approx_ttl_s)
         self.store: IndexStore = (
             RedisIndexStore(
-                RedisStoreConfig(url=config.redis_url, key_prefix=config.redis_key_prefix), index_config
+                RedisStoreConfig(url=config.redis_url, key_prefix=config.redis_key_prefix),
+                index_config,
+                replica_id=self.replica_id,
             )
             if config.redis_url
             else LocalIndexStore(index_config)
@@ -60,16 +65,26 @@ class GatewayState:
             sock_read=max(cfg.first_byte_timeout_s, cfg.read_timeout_s),
         )
         self.proxy = Proxy(self.session, self.router, self.pool, self.metrics, cfg.max_retries, timeouts)
+        self.dashboard = Dashboard(
+            self.metrics,
+            self.store,
+            self.replica_id,
+            shared=cfg.redis_url is not None,
+            in_flight=lambda: sum(w.in_flight for w in self.pool),
+        )
         await self.store.start()
         for url in cfg.workers:
             await self.add_worker(url)
         self._tasks.append(asyncio.create_task(self._health_loop(), name="gateway-health"))
+        self._tasks.append(asyncio.create_task(self.dashboard.run(), name="gateway-dashboard"))
         try:
             yield
         finally:
             for task in [*self._tasks, *self._event_tasks.values()]:
                 task.cancel()
             await asyncio.gather(*self._tasks, *self._event_tasks.values(), return_exceptions=True)
+            if self.dashboard.shared:
+                await self.dashboard.push()  # the cluster totals keep this replica's last second
             await self.store.close()
             await self.session.close()
 
@@ -136,20 +151,28 @@ class GatewayState:
             m.index_blocks.labels(w.worker_id, "host").set(host)
         m.store_degraded.set(0 if self.store.status == "healthy" else 1)
 
-    async def stats(self) -> dict:
+    async def stats(self, since: float | None = None) -> dict:
+        """``since``: also return the per-second history samples newer than this (0 = all of it)."""
         per_worker = self.store.index.stats().per_worker
         workers = []
         for w in self.pool:
             device, host = per_worker.get(w.worker_id, (0, 0))
             workers.append({**w.describe(), "index_device_blocks": device, "index_host_blocks": host})
-        return {
+        out = {
             "policy": self.router.policy.name,
             "store": self.store.status,
             "totals": self.metrics.summary(),
-            "shared_counters": await self.store.counters(),
+            "shared_counters": drop_dashboard_counters(await self.store.counters()),
             "workers": workers,
             "recent": self.metrics.recent_requests(),
+            "replica": self.replica_id,
+            "time": time.time(),
         }
+        if self.dashboard.cluster is not None:
+            out["cluster"] = self.dashboard.cluster
+        if since is not None:
+            out["series"] = self.dashboard.since(since)
+        return out
 
 
 STATE = web.AppKey("state", GatewayState)
