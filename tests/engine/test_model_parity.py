@@ -7,10 +7,11 @@ Every comparison is over the logits of every position, computed two ways on our 
   same steps (one decoding while the other prefills) and scattered, interleaved page tables;
 with the plain ``nn.Linear`` layers and with the oneDNN pre-packed ones (``pack_for_cpu``).
 
-The error is ``max |ours - hf| / max |hf|`` over all logits. Measured here (fp32, x86 CPU):
-tiny random models ~1e-7, SmolLM2-135M ~5e-7 (full) and ~5e-7 (incremental) — the bounds below
-leave ~100x headroom while still catching any real mistake (a wrong RoPE layout, mask or page
-slot gives errors of 1e-2 and more).
+The error is ``max |ours - hf| / max |hf|`` over all logits. Measured on this project's 2-core
+x86 CPU: tiny random models 2-4e-7; SmolLM2-135M 1.1e-6 full / 1.4e-6 incremental with plain
+linears and 2.5e-6 / 3.3e-6 with oneDNN-packed ones (max abs diff 1.4e-4 on logits of magnitude
+up to 42). ``REL_TOL`` leaves ~6x headroom for other CPUs' accumulation order, while any real
+mistake (RoPE layout, mask, page slot, GQA head mapping) gives errors of 1e-2 and more.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from engine.weights import Checkpoint, load_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
-REL_TOL = 5e-5
+REL_TOL = 2e-5
 CPU_FP32_PACKING = packing_available(torch.device("cpu"), torch.float32)
 PACKED = [False, pytest.param(True, marks=pytest.mark.skipif(not CPU_FP32_PACKING, reason="no oneDNN"))]
 
@@ -206,7 +207,9 @@ def smollm2_prompts(smollm2_checkpoint: Checkpoint) -> tuple[list[int], list[int
         "leaves are evicted first, but never a page that a running request still reads. "
     )
     a = tok.encode(text * 2)[:150]
-    b = tok.encode("Write a haiku about paged attention, radix trees and prefix caching on a small CPU server.")
+    b = tok.encode(
+        "Write a haiku about paged attention, radix trees and prefix caching on a small CPU server."
+    )
     assert len(a) == 150 and len(b) > 17
     return a, b
 
