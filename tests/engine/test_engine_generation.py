@@ -240,3 +240,21 @@ async def test_stop_strings_and_cached_tokens_through_the_async_engine(
         await engine.stop()
     assert not llm.scheduler.has_work()
     check_accounting(llm)
+
+
+async def test_concurrent_async_requests_equal_the_reference(
+    smollm2_engine_factory, prompts, reference
+) -> None:
+    """Requests arriving together through the async API are batched by the step loop."""
+    llm = smollm2_engine_factory(max_batch_tokens=48)
+    engine = AsyncEngine(llm)
+    engine.start()
+    try:
+        results = await asyncio.gather(*(collect(engine, p, GREEDY) for p in prompts))
+    finally:
+        await engine.stop()
+    for (text, chunks), ref in zip(results, reference, strict=True):
+        assert [t for c in chunks for t in c.token_ids] == ref
+        assert text == llm.tokenizer.decode(ref)
+        assert chunks[-1].finish_reason == "length" and chunks[-1].prompt_tokens > 0
+    check_accounting(llm)
