@@ -28,7 +28,7 @@ def record(
             tenant="default",
             worker="http://w",
             policy="cache_aware",
-            reason="cache_hit" if predicted else "least_cost",
+            reason="cache_hit" if predicted else "least_load",
             status=200,
             stream=True,
             prompt_tokens=prompt,
@@ -41,7 +41,7 @@ def record(
         ),
         inter_token_s=[0.1, 0.1, 0.1, 0.1],
     )
-    metrics.decision("cache_aware", "cache_hit" if predicted else "least_cost", "http://w")
+    metrics.decision("cache_aware", "cache_hit" if predicted else "least_load", "http://w")
 
 
 class Clock:
@@ -120,7 +120,7 @@ async def test_two_replicas_sum_into_the_cluster_figures() -> None:
     assert totals["hit_rate_actual"] == pytest.approx((80 + 150 + 0) / 500)
     assert totals["hit_rate_predicted"] == pytest.approx((96 + 160) / 600)
     assert totals["prompt_tokens_saved"] == 230
-    assert totals["routing"] == {"cache_aware/cache_hit": 2, "cache_aware/least_cost": 2}
+    assert totals["routing"] == {"cache_aware/cache_hit": 2, "cache_aware/least_load": 2}
     assert 2.0 < totals["ttft_p90_s"] <= 4.0  # b's 3 s requests, estimated inside the (2, 4] bucket
     assert totals["tpot_p50_s"] is not None
     rows = {r["id"]: r for r in a.cluster["replicas"]}
