@@ -42,15 +42,16 @@ def smollm2_engine_factory(smollm2_gguf_path: Path):
     from engine.scheduler import Scheduler
 
     base: list[LLMEngine] = []
+    serving_knobs = {"page_size", "max_batch_tokens", "max_running", "kv_cache_tokens", "max_model_len"}
 
     def make(**changes) -> LLMEngine:
         if not base:
             base.append(
                 LLMEngine(EngineConfig(model=str(smollm2_gguf_path), dtype="float32", kv_cache_tokens=4096))
             )
+        assert set(changes) <= serving_knobs, f"the model is shared: only {serving_knobs} may change"
         engine = copy.copy(base[0])
         config = engine.config = dataclasses.replace(base[0].config, **changes)
-        assert config.model == base[0].config.model and config.dtype == "float32", "only the serving knobs"
         num_pages = (config.kv_cache_tokens or 4096) // config.page_size
         dtype = engine.model.embed_tokens.weight.dtype
         engine.runner = ModelRunner(
@@ -59,7 +60,8 @@ def smollm2_engine_factory(smollm2_gguf_path: Path):
         engine.pool = PagePool(num_pages)
         engine.cache = PrefixCache(engine.pool, config.page_size)
         engine.scheduler = Scheduler(scheduler_config(config), engine.pool, engine.cache)
-        max_model_len = min(engine.model.config.max_position_embeddings, num_pages * config.page_size)
+        context = config.max_model_len or engine.model.config.max_position_embeddings
+        max_model_len = min(context, num_pages * config.page_size)
         engine.info = dataclasses.replace(
             base[0].info, num_pages=num_pages, page_size=config.page_size, max_model_len=max_model_len
         )
