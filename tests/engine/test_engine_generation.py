@@ -85,10 +85,12 @@ def test_reference_is_sensible(smollm2_engine_factory, prompts, reference) -> No
     assert len({tuple(r) for r in reference}) == len(reference)
 
 
-@pytest.mark.parametrize("budget", [32, 64, 512])
-def test_batched_and_chunked_equal_the_reference(smollm2_engine_factory, prompts, reference, budget) -> None:
+@pytest.mark.parametrize(("budget", "page_size"), [(32, 16), (64, 16), (512, 16), (40, 8)])
+def test_batched_and_chunked_equal_the_reference(
+    smollm2_engine_factory, prompts, reference, budget, page_size
+) -> None:
     """All prompts at once, with prefills chunked to the budget next to other requests' decodes."""
-    engine = smollm2_engine_factory(max_batch_tokens=budget)
+    engine = smollm2_engine_factory(max_batch_tokens=budget, page_size=page_size)
     seqs = run(engine, prompts)
     assert [s.output_ids for s in seqs] == reference
 
