@@ -12,14 +12,16 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from engine.engine import LLMEngine
 from engine.sampling import SamplingParams
 from engine.sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,7 +49,8 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
-        self._inbox: queue.SimpleQueue[tuple[str, Sequence]] = queue.SimpleQueue()
+        # ("add" | "abort", Sequence) or ("call", (function, future)): applied between steps
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, asyncio.Queue[_Update | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,8 +117,20 @@ class AsyncEngine:
                 self._submit("abort", seq)  # the caller went away: free its pages
             self._streams.pop(request_id, None)
 
-    def _submit(self, kind: str, seq: Sequence) -> None:
-        self._inbox.put((kind, seq))
+    async def call(self, function: Callable[[LLMEngine], T]) -> T:
+        """Run ``function(engine)`` on the engine thread between two steps; the only safe way to touch
+        the scheduler, pool or prefix cache from outside (e.g. flushing the cache)."""
+        assert self._loop is not None, "the engine is not running"
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._submit("call", (function, future))
+        return await future
+
+    async def flush_cache(self) -> bool:
+        """Drop every cached prefix; False (nothing done) while requests are running."""
+        return await self.call(lambda engine: engine.flush_cache())
+
+    def _submit(self, kind: str, item: Any) -> None:
+        self._inbox.put((kind, item))
         self._wakeup.set()
 
     # -- the step loop (engine thread) ---------------------------------------------------------------
@@ -139,14 +154,35 @@ class AsyncEngine:
     def _apply_inbox(self) -> None:
         while True:
             try:
-                kind, seq = self._inbox.get_nowait()
+                kind, item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            if kind == "add":
-                self.engine.add(seq)
-            elif not seq.finished:
-                self.engine.abort(seq)
-                self._publish([(seq.request_id, ([], True, FinishReason.ABORT.value, seq.num_cached_prompt))])
+            if kind == "call":
+                self._call(*item)
+            elif kind == "add":
+                self.engine.add(item)
+            elif not item.finished:  # "abort"
+                self.engine.abort(item)
+                self._publish(
+                    [(item.request_id, ([], True, FinishReason.ABORT.value, item.num_cached_prompt))]
+                )
+
+    def _call(self, function: Callable[[LLMEngine], Any], future: asyncio.Future) -> None:
+        try:
+            result, error = function(self.engine), None
+        except Exception as exc:  # handed to the awaiting caller
+            result, error = None, exc
+        assert self._loop is not None
+
+        def settle() -> None:
+            if future.cancelled():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self._loop.call_soon_threadsafe(settle)
 
     @staticmethod
     def _update(seq: Sequence) -> _Update:

@@ -107,10 +107,8 @@ async def get_load(request: web.Request) -> web.Response:
 async def flush_cache(request: web.Request) -> web.Response:
     """Refused (400) while requests run, as SGLang does; the prefix cache then reports AllBlocksCleared."""
     state = request.app[STATE]
-    # engine.flush_cache mutates the tree from this thread; it is only safe while the step loop has
-    # nothing to do, which holds when no request of ours is in flight (we are its only producer).
-    idle = not state.tracker and not state.async_engine.num_requests and not state.engine.scheduler.has_work()
-    ok = idle and state.engine.flush_cache()
+    # Runs on the engine thread between steps, so it never races a step or a pending abort.
+    ok = not state.tracker and not state.async_engine.num_requests and await state.async_engine.flush_cache()
     message = "Cache flushed.\n" if ok else "Cache not flushed: requests are running. Retry when idle.\n"
     return web.Response(text=message, status=200 if ok else 400)
 
