@@ -33,4 +33,5 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.router.add_post("/admin/workers", handlers.add_worker)
     app.router.add_delete("/admin/workers", handlers.remove_worker)
     app.router.add_post("/admin/policy", handlers.set_policy)
+    app.router.add_post("/flush_cache", handlers.flush_cache)
     return app

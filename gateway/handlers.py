@@ -160,3 +160,12 @@ async def set_policy(request: web.Request) -> web.Response:
         )
     state.router.set_policy(name)
     return web.json_response({"policy": name, "at": time.time()})
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    """SGLang's ``POST /flush_cache``, fanned out: every native worker drops its prefix cache (200 only
+    if all did; a busy worker refuses, as SGLang's does). Admin-only: it costs every tenant its hits."""
+    state = _admin(request)
+    results = await state.flush_workers()
+    ok = all(results.values())
+    return web.json_response({"flushed": results}, status=200 if ok else 400)

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from cache.ops import IndexOp, WorkerGoneOp
+from cache.ops import ClearedOp, IndexOp, WorkerGoneOp
 from cache.radix_index import RadixIndexConfig
 from cache.redis_store import RedisIndexStore, RedisStoreConfig
 from cache.store import IndexStore, LocalIndexStore
@@ -108,6 +108,24 @@ class GatewayState:
         await self.store.append(WorkerGoneOp(worker_id))
         await self.store.unregister_worker(worker_id)
         return True
+
+    async def flush_workers(self) -> dict[str, bool]:
+        """Ask every native worker to flush its prefix cache; the index forgets what they held (workers
+        with events also say so themselves, with AllBlocksCleared)."""
+        results = {}
+        for worker in self.pool:
+            if not worker.native:
+                continue
+            try:
+                async with self.session.post(
+                    worker.url + "/flush_cache", timeout=aiohttp.ClientTimeout(total=10)
+                ) as r:
+                    results[worker.worker_id] = r.status == 200
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                results[worker.worker_id] = False
+            if results[worker.worker_id]:
+                await self.store.append(ClearedOp(worker.worker_id))
+        return results
 
     def _ensure_event_feed(self, worker: Worker) -> None:
         if (
