@@ -76,7 +76,11 @@ class AsyncEngine:
 
     # -- requests ----------------------------------------------------------------------------------
     async def generate(
-        self, prompt_ids: list[int], sampling: SamplingParams, request_id: str | None = None
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        request_id: str | None = None,
+        cache_salt: str = "",
     ) -> AsyncIterator[GenerationChunk]:
         """Stream a request's output. Raises ValueError for a request the engine cannot take
         (before anything is queued); breaking out of the iteration aborts the request."""
@@ -85,7 +89,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         if self._stopping or self._loop is None:
             raise EngineError("the engine is not running")
-        seq = self.engine.make_sequence(request_id, prompt_ids, sampling)
+        seq = self.engine.make_sequence(request_id, prompt_ids, sampling, cache_salt)
         stream: asyncio.Queue[_Update | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         self._submit("add", seq)

@@ -7,6 +7,7 @@ background thread and streams results to asyncio callers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class LLMEngine:
         self,
         config: EngineConfig,
         hasher: BlockHasher | None = None,
+        namespace_hash: Callable[[str], int] | None = None,
         listener: CacheListener | None = None,
     ) -> None:
         self.config = config
@@ -111,7 +113,7 @@ class LLMEngine:
             self.model, allocate_kv(self.model, num_pages, config.page_size, dtype), config.page_size
         )
         self.pool = PagePool(num_pages)
-        self.cache = PrefixCache(self.pool, config.page_size, hasher, listener)
+        self.cache = PrefixCache(self.pool, config.page_size, hasher, listener, namespace_hash)
         self.scheduler = Scheduler(scheduler_config(config), self.pool, self.cache)
         eos = tuple(sorted(set(model_cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
         self.info = EngineInfo(
@@ -126,7 +128,9 @@ class LLMEngine:
         )
         log.info("engine ready: %s", self.info)
 
-    def make_sequence(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams) -> Sequence:
+    def make_sequence(
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, cache_salt: str = ""
+    ) -> Sequence:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.info.max_model_len:
@@ -141,6 +145,7 @@ class LLMEngine:
             sampling,
             frozenset(self.info.eos_token_ids),
             self.info.max_model_len,
+            cache_salt=cache_salt,
         )
 
     def add(self, seq: Sequence) -> None:

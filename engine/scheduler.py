@@ -151,7 +151,7 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> None:
         # Always leave at least one token to compute: its logits give the first output token.
-        pages, node = self.cache.match_prefix(seq.token_ids[: seq.num_tokens - 1])
+        pages, node = self.cache.match_prefix(seq.token_ids[: seq.num_tokens - 1], seq.cache_salt)
         self.cache.lock(node)
         seq.pages, seq.cache_node, seq.num_tree_pages = list(pages), node, len(pages)
         seq.num_computed = len(pages) * self.config.page_size
@@ -182,7 +182,7 @@ class Scheduler:
         if full <= seq.num_tree_pages:
             return
         ps = self.config.page_size
-        tree_pages, node = self.cache.insert(seq.token_ids[: full * ps], seq.pages[:full])
+        tree_pages, node = self.cache.insert(seq.token_ids[: full * ps], seq.pages[:full], seq.cache_salt)
         seq.pages[:full] = tree_pages
         self.cache.lock(node)
         if seq.cache_node is not None:

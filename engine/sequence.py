@@ -28,6 +28,7 @@ class Sequence:
     sampling: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     max_total_tokens: int = 1 << 30  # context length: prompt + output never exceed it
+    cache_salt: str = ""  # prefix-cache namespace: only requests with the same salt share pages
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: FinishReason | None = None

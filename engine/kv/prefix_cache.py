@@ -4,6 +4,9 @@ Edges are labelled with token ids in whole pages (``page_size`` tokens each), so
 ``len(key) // page_size`` pages. Matching compares token ids page by page — a hash is only ever a
 name for events, never the test of a hit.
 
+Namespaces: each cache salt (vLLM's ``cache_salt``, the gateway's per-tenant salt) has its own root,
+so requests of different tenants never share, nor time, each other's pages.
+
 Ownership: pages in the tree belong to the tree. A sequence that matched a prefix *locks* the path
 (``lock``), which makes those pages unevictable until it ``unlock``s. Eviction removes least
 recently used unlocked leaves, so a running request never loses a page it reads.
@@ -31,7 +34,7 @@ class CacheListener(Protocol):
 
 
 class Node:
-    __slots__ = ("children", "hashes", "key", "last_access", "lock_ref", "pages", "parent")
+    __slots__ = ("children", "hashes", "key", "last_access", "lock_ref", "pages", "parent", "seed")
 
     def __init__(self, key: list[int], pages: list[int], parent: Node | None, hashes: list[int]) -> None:
         self.key = key
@@ -41,10 +44,13 @@ class Node:
         self.children: dict[tuple[int, ...], Node] = {}
         self.lock_ref = 0
         self.last_access = 0
+        self.seed: int | None = None  # roots only: the namespace's chain root (None = the hasher's default)
 
     @property
     def last_hash(self) -> int | None:
-        return self.hashes[-1] if self.hashes else (self.parent.last_hash if self.parent else None)
+        if self.hashes:
+            return self.hashes[-1]
+        return self.parent.last_hash if self.parent else self.seed
 
 
 class PrefixCache:
@@ -54,23 +60,33 @@ class PrefixCache:
         page_size: int,
         hasher: BlockHasher | None = None,
         listener: CacheListener | None = None,
+        namespace_hash: Callable[[str], int] | None = None,
     ) -> None:
         self.pool = pool
         self.page_size = page_size
         self.hasher = hasher
         self.listener = listener
         self._clock = itertools.count(1)
-        self.root = Node([], [], None, [])
+        self.namespace_hash = namespace_hash  # salt -> chain root hash handed to the hasher
+        self.root = Node([], [], None, [])  # the unsalted namespace
+        self.roots: dict[str, Node] = {"": self.root}
         self.num_pages = 0  # pages owned by the tree
         self.evictable_pages = 0  # of those, pages on no locked path
 
     # -- lookup -------------------------------------------------------------------------------------
-    def match_prefix(self, token_ids: Sequence[int]) -> tuple[list[int], Node]:
+    def _root(self, namespace: str) -> Node:
+        root = self.roots.get(namespace)
+        if root is None:
+            root = self.roots[namespace] = Node([], [], None, [])
+            root.seed = self.namespace_hash(namespace) if self.namespace_hash else None
+        return root
+
+    def match_prefix(self, token_ids: Sequence[int], namespace: str = "") -> tuple[list[int], Node]:
         """Longest cached prefix of whole pages. Returns its pages and the node it ends at.
 
         The node is only safe to use while locked; lock it before anything can evict.
         """
-        ps, node, pages, i = self.page_size, self.root, [], 0
+        ps, node, pages, i = self.page_size, self._root(namespace), [], 0
         now = next(self._clock)
         while i + ps <= len(token_ids):
             child = node.children.get(tuple(token_ids[i : i + ps]))
@@ -111,7 +127,9 @@ class PrefixCache:
         return upper
 
     # -- insertion ----------------------------------------------------------------------------------
-    def insert(self, token_ids: Sequence[int], pages: list[int]) -> tuple[list[int], Node]:
+    def insert(
+        self, token_ids: Sequence[int], pages: list[int], namespace: str = ""
+    ) -> tuple[list[int], Node]:
         """Give the tree the pages holding the KV of ``token_ids`` (whole pages only).
 
         Where the tree already holds some of these pages' content under other page ids, the
@@ -120,7 +138,7 @@ class PrefixCache:
         """
         ps = self.page_size
         assert len(token_ids) == len(pages) * ps, "insert takes whole pages"
-        node, i, now, tree_pages = self.root, 0, next(self._clock), []
+        node, i, now, tree_pages = self._root(namespace), 0, next(self._clock), []
         while i < len(pages):
             child = node.children.get(tuple(token_ids[i * ps : (i + 1) * ps]))
             if child is None:
@@ -151,14 +169,14 @@ class PrefixCache:
 
     # -- locking ------------------------------------------------------------------------------------
     def lock(self, node: Node) -> None:
-        while node is not self.root:
+        while node.parent is not None:  # up to, not including, the namespace root
             if node.lock_ref == 0:
                 self.evictable_pages -= len(node.pages)
             node.lock_ref += 1
             node = node.parent  # type: ignore[assignment]
 
     def unlock(self, node: Node) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             assert node.lock_ref > 0, "unlock without lock"
             node.lock_ref -= 1
             if node.lock_ref == 0:
@@ -183,12 +201,12 @@ class PrefixCache:
             self.evictable_pages -= len(leaf.pages)
             if self.listener and leaf.hashes:
                 self.listener.removed(leaf.hashes)
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+            if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return freed
 
     def _leaves(self) -> list[Node]:
-        leaves, stack = [], list(self.root.children.values())
+        leaves, stack = [], [n for root in self.roots.values() for n in root.children.values()]
         while stack:
             node = stack.pop()
             if node.children:
@@ -202,5 +220,6 @@ class PrefixCache:
         assert self.evictable_pages == self.num_pages, "reset while a request holds cached pages"
         self.evict(self.num_pages)
         assert self.num_pages == 0
+        self.roots = {"": self.root}
         if self.listener:
             self.listener.cleared()

@@ -22,7 +22,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.server import admin_api, openai_api, sglang_api
 from engine.server.errors import error_middleware
-from engine.server.kv_events import KVEventPublisher, make_block_hasher
+from engine.server.kv_events import KVEventPublisher, make_block_hasher, make_namespace_hash
 from engine.server.metrics import ServerMetrics
 from engine.server.state import STATE, ServerSettings, ServerState
 from engine.weights import default_model_path
@@ -44,7 +44,10 @@ def load_engine(config: EngineConfig, settings: ServerSettings) -> tuple[LLMEngi
     if settings.kv_events_endpoint:
         publisher = KVEventPublisher(settings.kv_events_endpoint, config.page_size)
     hasher = make_block_hasher(config.model_id, config.page_size)
-    return LLMEngine(config, hasher=hasher, listener=publisher), publisher
+    engine = LLMEngine(
+        config, hasher=hasher, listener=publisher, namespace_hash=make_namespace_hash(config.model_id)
+    )
+    return engine, publisher
 
 
 def create_app(

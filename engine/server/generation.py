@@ -74,7 +74,7 @@ async def generate_chunks(
     final: GenerationChunk | None = None
     cancelled = False
     try:
-        stream = state.async_engine.generate(req.prompt_ids, req.sampling, request_id)
+        stream = state.async_engine.generate(req.prompt_ids, req.sampling, request_id, req.cache_salt)
         try:
             async for chunk in stream:
                 now = time.perf_counter()

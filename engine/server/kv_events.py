@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zmq
 
@@ -38,6 +38,11 @@ def make_block_hasher(model_id: str, page_size: int) -> BlockHasher:
         return block_hashes(token_ids, page_size, seed=seed, parent=parent)
 
     return hasher
+
+
+def make_namespace_hash(model_id: str) -> Callable[[str], int]:
+    """Chain roots of salted namespaces: a tenant's blocks hash as the gateway hashes them for it."""
+    return lambda salt: namespace_seed(model_id, salt)
 
 
 class KVEventPublisher:

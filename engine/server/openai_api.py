@@ -24,6 +24,7 @@ from engine.server.protocol import (
     check_prompt,
     completion_prompt_ids,
     get_bool,
+    get_cache_salt,
     read_json,
     reject_unsupported,
     sampling_from_openai,
@@ -79,7 +80,7 @@ def _parse(state: ServerState, body: dict, chat: bool) -> GenerationRequest:
         sampling = sampling_from_openai(body)
     except ValueError as exc:
         raise bad_request(str(exc)) from None
-    return GenerationRequest(prompt_ids, sampling, stream, include_usage)
+    return GenerationRequest(prompt_ids, sampling, stream, include_usage, get_cache_salt(body))
 
 
 def _usage(chunk: GenerationChunk) -> dict[str, Any]:

@@ -29,6 +29,16 @@ class GenerationRequest:
     sampling: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    cache_salt: str = ""  # vLLM's field: requests share cached prefixes only with the same salt
+
+
+def get_cache_salt(body: dict) -> str:
+    salt = body.get("cache_salt")
+    if salt is None:
+        return ""
+    if not isinstance(salt, str) or not salt:
+        raise bad_request("'cache_salt' must be a non-empty string", "cache_salt")
+    return salt
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from engine.server.protocol import (
     check_prompt,
     completion_prompt_ids,
     get_bool,
+    get_cache_salt,
     get_token_ids,
     read_json,
     sampling_from_sglang,
@@ -60,7 +61,10 @@ def _parse(state: ServerState, body: dict) -> tuple[str, GenerationRequest]:
         sampling = sampling_from_sglang(body.get("sampling_params"))
     except ValueError as exc:
         raise bad_request(str(exc), "sampling_params") from None
-    return rid or new_request_id(""), GenerationRequest(prompt_ids, sampling, get_bool(body, "stream"))
+    request = GenerationRequest(
+        prompt_ids, sampling, get_bool(body, "stream"), cache_salt=get_cache_salt(body)
+    )
+    return rid or new_request_id(""), request
 
 
 def _finish_reason(state: ServerState, req: GenerationRequest, chunk: GenerationChunk, ids: list[int]) -> Any:

@@ -24,7 +24,7 @@ def toks(*pages: int | Sequence[int]) -> list[int]:
 
 
 def nodes(cache: PrefixCache) -> list[Node]:
-    out, stack = [], list(cache.root.children.values())
+    out, stack = [], [n for root in cache.roots.values() for n in root.children.values()]
     while stack:
         node = stack.pop()
         out.append(node)
@@ -269,3 +269,33 @@ def test_pool_refuses_double_free_and_overdraw() -> None:
     with pytest.raises(AssertionError):
         pool.free(pages[:1])
     assert pool.num_used == 1
+
+
+def test_namespaces_never_share_pages_and_hash_from_their_own_root() -> None:
+    seeds = {"a": 111, "b": 222}
+    stored: list[tuple[int | None, list[int]]] = []
+
+    class Listener:
+        def stored(self, parent_hash: int | None, hashes: list[int], token_ids: list[int]) -> None:
+            stored.append((parent_hash, hashes))
+
+        def removed(self, hashes: list[int]) -> None: ...
+        def cleared(self) -> None: ...
+
+    def hasher(parent: int | None, key: Sequence[int]) -> list[int]:
+        return [hash((parent, tuple(key[:i]))) for i in range(PS, len(key) + 1, PS)]
+
+    cache = PrefixCache(PagePool(16), PS, hasher, Listener(), namespace_hash=seeds.__getitem__)
+    pages, node = cache.insert(toks(1, 2), cache.pool.alloc(2), "a")
+    assert cache.match_prefix(toks(1, 2, 3), "b") == ([], cache.roots["b"])
+    assert cache.match_prefix(toks(1, 2, 3))[0] == []  # nor the unsalted namespace
+    assert cache.match_prefix(toks(1, 2, 3), "a")[0] == pages
+    cache.insert(toks(1, 2), cache.pool.alloc(2), "b")
+    assert [parent for parent, _ in stored] == [111, 222]  # each chain starts at its namespace's root
+    assert stored[0][1] != stored[1][1]
+    cache.lock(node)
+    assert cache.evict(10) == 2  # only b's pages: a's path is locked
+    check_tree(cache)
+    cache.unlock(node)
+    cache.reset()
+    assert cache.pool.num_free == 16 and list(cache.roots) == [""]

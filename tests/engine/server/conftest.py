@@ -68,7 +68,7 @@ class EngineServer:
 
     def cached_block_hashes(self) -> set[int]:
         """The truth: every block hash in the engine's prefix tree (read while idle)."""
-        hashes, stack = set(), [self.engine.cache.root]
+        hashes, stack = set(), list(self.engine.cache.roots.values())  # every salt namespace
         while stack:
             node: Node = stack.pop()
             hashes.update(node.hashes)
