@@ -46,9 +46,11 @@ _CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' 
 
 # -- pure figures (unit-tested) ---------------------------------------------------------------------
 def counter_deltas(replica_id: str, own: Mapping[str, int], pushed: Mapping[str, int]) -> dict[str, int]:
-    """Counter increments that bring the store up to ``own`` from what was ``pushed`` before."""
+    """Counter increments that bring the store up to ``own`` from what was ``pushed`` before, in the
+    order to send them: ``requests`` last, so a replica reading the counters between two of these
+    increments never sees a request without its tokens (a push is several round trips, not atomic)."""
     out: dict[str, int] = {}
-    for name, value in own.items():
+    for name, value in sorted(own.items(), key=lambda item: item[0] == "requests"):
         delta = value - pushed.get(name, 0)
         if delta:
             out[f"{COUNTER_PREFIX}cluster|{name}"] = delta

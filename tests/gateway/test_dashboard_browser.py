@@ -202,7 +202,6 @@ async def test_two_replicas_sharing_redis_show_cluster_figures(two_workers, gate
         ):
             await traffic(s, base_a, requests=6)
             await traffic(s, base_b, requests=4)
-            local_a, local_b = (await get_stats(s, base_a))["totals"], (await get_stats(s, base_b))["totals"]
             for _ in range(100):  # each replica pushes and reads the counters once a second
                 stats_a, stats_b = await get_stats(s, base_a), await get_stats(s, base_b)
                 if all(
@@ -212,6 +211,8 @@ async def test_two_replicas_sharing_redis_show_cluster_figures(two_workers, gate
                 ):
                     break
                 await asyncio.sleep(0.2)
+            local_a, local_b = stats_a["totals"], stats_b["totals"]
+            assert (local_a["requests"], local_b["requests"]) == (6, 4)
             cluster = stats_b["cluster"]
             assert cluster["totals"]["requests"] == 10 and cluster["live_replicas"] == 2
             replicas = {r["id"]: r for r in cluster["replicas"]}

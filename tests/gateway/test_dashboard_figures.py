@@ -67,6 +67,7 @@ def test_counter_deltas_send_only_the_increase_and_a_heartbeat() -> None:
         "dash|replica|a|cached_tokens": 10,
         "dash|replica|a|heartbeat": 1,
     }
+    assert list(first)[-3:-1] == ["dash|cluster|requests", "dash|replica|a|requests"]  # sent last
     again = counter_deltas("a", {"requests": 3, "cached_tokens": 10}, {"requests": 2, "cached_tokens": 10})
     assert again == {"dash|cluster|requests": 1, "dash|replica|a|requests": 1, "dash|replica|a|heartbeat": 1}
 
