@@ -110,6 +110,7 @@ class RedisIndexStore(IndexStore):
         self._epoch: str | None = None
         self._last_id = "0-0"
         self._synced = False
+        self._stopping = False  # set by close(): the tail loop ends after its current XREAD
         self._task: asyncio.Task[None] | None = None
         self._ops_since_snapshot = 0
         self._last_snapshot_at = time.monotonic()
@@ -137,9 +138,14 @@ class RedisIndexStore(IndexStore):
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Stop the tail loop by flag and let its current (short, blocking) XREAD return: cancelling
+            # inside redis-py's read can be swallowed (redis/redis-py#2028), which hung shutdowns.
+            self._stopping = True
+            grace = self.config.poll_block_ms / 1000 + self.config.op_timeout_s + 1.0
+            done, _ = await asyncio.wait({self._task}, timeout=grace)
+            if not done:
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=grace)
         if self._synced:
             await self._guard(self._flush())
         for client in (self._redis, self._tail):
@@ -209,7 +215,7 @@ class RedisIndexStore(IndexStore):
         return bool(await self._guard(self._write_snapshot()))
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 if not self._synced:
                     await self._sync()

@@ -17,11 +17,18 @@ class RoutingConfig:
     # A cached token on the host tier saves this fraction of a device-tier hit (it must be copied back).
     host_tier_weight: float = 0.5
     # cache_aware cost = uncached prompt tokens + load_cost_tokens x in-flight requests on the worker.
-    load_cost_tokens: int = 256
-    # Bounded-load guard: no worker takes more than this factor x the mean load (+1), whatever it caches.
+    load_cost_tokens: int = 128
+    # Bounded-load guard: a worker stops taking requests (whatever it caches) once it would exceed both
+    # bounded_load_factor x the mean load and the least loaded worker + bounded_load_slack. The slack
+    # keeps small absolute imbalances, which cost little, from overriding cache affinity (SGLang's
+    # router likewise balances only past an absolute and a relative threshold).
     bounded_load_factor: float = 1.5
+    bounded_load_slack: int = 2
     session_ttl_s: float = 1800.0
     approx_ttl_s: float = 120.0  # lifetime of routed-not-reported index entries (workers without events)
+    # A request's prefix is claimed for its worker as soon as it is routed, so that a concurrent request
+    # with the same prefix follows it instead of prefilling it again elsewhere; KV events confirm it.
+    in_flight_claim_ttl_s: float = 30.0
 
 
 @dataclass(frozen=True)

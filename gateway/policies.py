@@ -94,11 +94,13 @@ class PowerOfTwo(Policy):
         return Decision(worker, "power_of_two", self.predicted_cached(request, worker))
 
 
-def _within_bound(worker: Worker, workers: list[Worker], factor: float) -> bool:
+def _within_bound(worker: Worker, workers: list[Worker], factor: float, slack: int) -> bool:
     """Bounded-load guard (consistent hashing with bounded loads): taking one more request must not
-    push a worker past ``factor`` x the mean load after this request."""
+    push a worker past ``factor`` x the mean load after this request, unless it stays within
+    ``slack`` requests of the least loaded worker."""
     total = sum(w.load for w in workers) + 1
-    return worker.load + 1 <= math.ceil(factor * total / len(workers))
+    cap = max(math.ceil(factor * total / len(workers)), min(w.load for w in workers) + slack)
+    return worker.load + 1 <= cap
 
 
 class Session(Policy):
@@ -120,14 +122,15 @@ class CacheAware(Policy):
 
     cost(w) = prompt tokens not cached on w (host-tier hits count ``host_tier_weight``)
               + ``load_cost_tokens`` x load(w)
+    among workers under the bounded-load cap (see ``_within_bound``).
     A pinned session keeps its worker unless that would break the load bound.
     """
 
     name = "cache_aware"
 
     def choose(self, request: RouteRequest, workers: list[Worker]) -> Decision:
-        factor = self.config.bounded_load_factor
-        eligible = [w for w in workers if _within_bound(w, workers, factor)] or workers
+        factor, slack = self.config.bounded_load_factor, self.config.bounded_load_slack
+        eligible = [w for w in workers if _within_bound(w, workers, factor, slack)] or workers
         by_id = {w.worker_id: w for w in eligible}
         if request.pinned_worker in by_id:
             worker = by_id[request.pinned_worker]

@@ -98,16 +98,25 @@ class Router:
             route.pinned_worker = await self.store.pinned_worker(self._session_key(req))
         decision = self.policy.choose(route, candidates)
         self.metrics.decision(self.policy.name, decision.reason, decision.worker.worker_id)
+        await self._claim(req, decision.worker)
         return decision
+
+    async def _claim(self, req: PreparedRequest, worker: Worker) -> None:
+        """Record at once that ``worker`` is about to hold this prompt's blocks (an expiring entry;
+        the worker's KV events confirm it, or the TTL drops it)."""
+        hashes = req.hashes(worker.model_id or "", worker.page_size)
+        if hashes:
+            ttl = self.routing.in_flight_claim_ttl_s if worker.precise else self.routing.approx_ttl_s
+            await self.store.append(ApproxOp(worker.worker_id, None, hashes, time.time() + ttl))
 
     async def routed(self, req: PreparedRequest, worker: Worker, reply_text: str) -> None:
         """After a successful request: pin its session, and for a worker that publishes no KV events,
         insert what it now most likely holds (prompt and reply) as an approximate, expiring entry."""
         if req.session_id is not None:
             await self.store.pin_session(self._session_key(req), worker.worker_id, self.routing.session_ttl_s)
-        if worker.precise:
-            return
-        ids = req.prompt_ids + (self.tokenizer.encode(reply_text) if reply_text else [])
+        if worker.precise or not reply_text:
+            return  # the prompt was claimed at routing time
+        ids = req.prompt_ids + self.tokenizer.encode(reply_text)
         seed = namespace_seed(worker.model_id or "", req.tenant.salt)
         hashes = block_hashes(ids, worker.page_size, seed=seed)
         if hashes:

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser, workers_required: bool = True
     parser.add_argument("--policy", default="cache_aware", choices=sorted(POLICIES))
     parser.add_argument("--load-cost-tokens", type=int, default=RoutingConfig.load_cost_tokens)
     parser.add_argument("--bounded-load-factor", type=float, default=RoutingConfig.bounded_load_factor)
+    parser.add_argument("--bounded-load-slack", type=int, default=RoutingConfig.bounded_load_slack)
     parser.add_argument("--host-tier-weight", type=float, default=RoutingConfig.host_tier_weight)
     parser.add_argument("--redis", default=None, metavar="URL", help="share the index with other replicas")
     parser.add_argument("--redis-key-prefix", default="prefixgate:")
@@ -62,6 +63,7 @@ def config_from_args(args: argparse.Namespace, workers: list[str]) -> GatewayCon
         policy=args.policy,
         load_cost_tokens=args.load_cost_tokens,
         bounded_load_factor=args.bounded_load_factor,
+        bounded_load_slack=args.bounded_load_slack,
         host_tier_weight=args.host_tier_weight,
     )
     extra = {"allowed_worker_urls": tuple(args.allow_worker_url)} if args.allow_worker_url else {}

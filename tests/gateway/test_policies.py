@@ -64,7 +64,7 @@ def test_cache_aware_host_tier_counts_partly() -> None:
 
 
 def test_bounded_load_guard_stops_hot_spots() -> None:
-    config = RoutingConfig(load_cost_tokens=0, bounded_load_factor=1.25)
+    config = RoutingConfig(load_cost_tokens=0, bounded_load_factor=1.25, bounded_load_slack=4)
     pool = workers(6, 0)  # w0 holds the prefix but already carries everything
     decision = CacheAware(config).choose(RouteRequest(1000, {"w0": hit(60)}), pool)
     assert decision.worker.worker_id == "w1"
@@ -72,7 +72,7 @@ def test_bounded_load_guard_stops_hot_spots() -> None:
 
 
 def test_session_affinity_is_honoured_unless_it_overloads() -> None:
-    config = RoutingConfig(bounded_load_factor=1.5)
+    config = RoutingConfig(bounded_load_factor=1.5, bounded_load_slack=2)
     request = RouteRequest(100, {}, session_id="s", pinned_worker="w0")
     assert CacheAware(config).choose(request, workers(1, 1)).reason == "session"
     assert CacheAware(config).choose(request, workers(9, 0)).worker.worker_id == "w1"
@@ -89,3 +89,10 @@ def test_prediction_never_claims_the_whole_prompt() -> None:
 def test_unknown_policy_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_policy("fastest", RoutingConfig())
+
+
+def test_slack_keeps_small_imbalances_cache_affine() -> None:
+    config = RoutingConfig(load_cost_tokens=0, bounded_load_factor=1.5, bounded_load_slack=4)
+    request = RouteRequest(1000, {"w0": hit(60)})
+    assert CacheAware(config).choose(request, workers(3, 0)).worker.worker_id == "w0"  # 4 <= 0 + 4
+    assert CacheAware(config).choose(request, workers(4, 0)).worker.worker_id == "w1"  # 5 > max(3, 4)
