@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine import chat
 from engine.sampling import SamplingParams
 from engine.server.errors import ApiError, bad_request
 from engine.tokenizer import Tokenizer
@@ -171,36 +172,11 @@ def _top_k(body: dict) -> int:
 
 # -- prompts --------------------------------------------------------------------------------------
 def chat_prompt_ids(tokenizer: Tokenizer, messages: Any) -> list[int]:
-    """Render ``messages`` with the model's chat template, then tokenize (the template has the specials)."""
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list", "messages")
-    rendered = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise bad_request(f"messages[{i}] must be an object with a string 'role'", "messages")
-        rendered.append({**message, "content": _message_text(message.get("content"), i)})
+    """``engine.chat.chat_prompt_ids`` (the one path the gateway shares), with its errors as 400s."""
     try:
-        text = tokenizer.apply_chat_template(rendered, add_generation_prompt=True)
-    except Exception as exc:  # jinja2 errors, raise_exception() in the template
-        raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def _message_text(content: Any, index: int) -> str:
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise bad_request(f"messages[{index}].content: only text parts are supported", "messages")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise bad_request(f"messages[{index}].content must be a string or a list of text parts", "messages")
+        return chat.chat_prompt_ids(tokenizer, messages)
+    except chat.InvalidMessages as exc:
+        raise bad_request(str(exc), "messages") from None
 
 
 def completion_prompt_ids(tokenizer: Tokenizer, prompt: Any, name: str = "prompt") -> list[int]:
