@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -35,7 +35,6 @@ class Worker:
     circuit_open_until: float = 0.0
     routed: int = 0
     events_ingested: bool = False  # the gateway consumes this worker's KV events (set by GatewayState)
-    extra: dict = field(default_factory=dict)
 
     @property
     def load(self) -> int:

@@ -1,4 +1,4 @@
-"""Errors as part of the interface: every failure leaves as an OpenAI-style JSON body.
+"""Errors as part of the interface (engine worker and gateway alike; torch-free): every failure leaves as an OpenAI-style JSON body.
 
 ``{"error": {"message", "type", "param", "code"}}`` with the status that says whose fault it was:
 4xx for the request, 5xx for the engine. The middleware turns ``ApiError``, aiohttp's own HTTP
@@ -14,9 +14,10 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-          413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
-          500: "server_error", 503: "server_error"}  # fmt: skip
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 502: "server_error",
+          503: "server_error"}  # fmt: skip
 
 
 class ApiError(Exception):
@@ -61,4 +62,4 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(ApiError(exc.status, message, code=exc.reason.lower().replace(" ", "_")))
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(ApiError(500, "internal server error (see the engine log)"))
+        return error_response(ApiError(500, "internal server error (see the server log)"))
