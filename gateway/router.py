@@ -93,7 +93,7 @@ class Router:
         route = RouteRequest(prompt_tokens=len(req.prompt_ids), session_id=req.session_id)
         for model_id, page_size in {(w.model_id or "", w.page_size) for w in candidates}:
             matches = self.store.match(req.hashes(model_id, page_size))
-            route.matches.update({w: m for w, m in matches.items()})
+            route.matches.update(matches)
         if req.session_id is not None:
             route.pinned_worker = await self.store.pinned_worker(self._session_key(req))
         decision = self.policy.choose(route, candidates)
