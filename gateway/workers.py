@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from cache.hashing import HASH_SCHEME
+
 log = logging.getLogger(__name__)
 
 
@@ -100,11 +102,19 @@ class WorkerPool:
         """Detect what the worker speaks; marks it healthy if it answers at all."""
         info = await self._get_json(worker, "/get_server_info")
         if info is not None:
-            worker.kind = (
-                "prefixgate" if str(info.get("kv_block_hash", "")).startswith("prefixgate/") else "sglang"
-            )
+            scheme = str(info.get("kv_block_hash", ""))
+            worker.kind = "prefixgate" if scheme.startswith("prefixgate/") else "sglang"
             worker.page_size = int(info.get("page_size") or worker.page_size)
             worker.kv_events_endpoint = info.get("kv_events_endpoint") or None
+            if worker.kv_events_endpoint and scheme != HASH_SCHEME:
+                # Its block hashes would never equal the ones we compute: index what we route instead.
+                log.warning(
+                    "worker %s names KV blocks with %r, not %r: ignoring its KV events (approximate routing)",
+                    worker.url,
+                    scheme,
+                    HASH_SCHEME,
+                )
+                worker.kv_events_endpoint = None
             worker.model_id = info.get("served_model_name") or worker.model_id
         models = await self._get_json(worker, "/v1/models")
         if models and models.get("data"):

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from cache.hashing import HASH_SCHEME
 from engine.sampling import SamplingParams
 from engine.server.errors import bad_request
 from engine.server.protocol import get_bool, get_token_ids, read_json
@@ -84,7 +85,7 @@ async def server_info(request: web.Request) -> web.Response:
         "max_total_tokens": info.num_pages * info.page_size, "max_running_requests": config.max_running,
         "chunked_prefill_size": config.max_batch_tokens, "max_prefill_tokens": config.max_batch_tokens,
         "device": info.device, "dtype": info.dtype, "dp_size": 1, "tp_size": 1,
-        "kv_events_endpoint": settings.kv_events_endpoint, "kv_block_hash": "prefixgate/kv/v1 xxh3",
+        "kv_events_endpoint": settings.kv_events_endpoint, "kv_block_hash": HASH_SCHEME,
         "internal_states": [load(state)], "version": VERSION,
     })  # fmt: skip
 

@@ -14,16 +14,26 @@ def reference(token_ids: list[int], block_size: int, seed: int) -> list[int]:
     out, h = [], seed
     for i in range(len(token_ids) // block_size):
         block = token_ids[i * block_size : (i + 1) * block_size]
-        payload = h.to_bytes(8, "little") + b"".join(t.to_bytes(4, "little") for t in block)
-        h = xxhash.xxh3_64_intdigest(payload)
+        payload = b"".join(t.to_bytes(4, "little") for t in block)
+        h = xxhash.xxh3_64_intdigest(payload, seed=h)
         out.append(h)
     return out
 
 
 def test_namespace_seed_is_pinned() -> None:
     # Pinned value: the format is stable across processes and versions; changing it breaks every index.
-    payload = b"prefixgate/kv/v1" + (5).to_bytes(4, "little") + b"llama" + (1).to_bytes(4, "little") + b"t"
+    payload = b"prefixgate/kv/v2" + (5).to_bytes(4, "little") + b"llama" + (1).to_bytes(4, "little") + b"t"
     assert namespace_seed("llama", "t") == xxhash.xxh3_64_intdigest(payload)
+
+
+def test_block_hashes_are_pinned() -> None:
+    # Literal values of format v2: a change here silently splits every gateway from every engine's events.
+    seed = namespace_seed("m", "t")
+    assert seed == 3944849075936600368
+    assert block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], 4, seed=seed) == [
+        117797104288753289,
+        11049090077769773744,
+    ]
 
 
 def test_namespace_separates_models_and_tenants() -> None:
@@ -70,3 +80,20 @@ def test_rejects_ids_outside_u32(bad: list[int]) -> None:
         block_hashes(bad, 16, seed=0)
     with pytest.raises((OverflowError, ValueError)):
         block_hashes(np.array(bad, dtype=np.int64), 16, seed=0)
+
+
+def test_tuple_and_uint32_inputs_hash_like_lists() -> None:
+    tokens = list(range(40))
+    seed = namespace_seed("m")
+    expected = block_hashes(tokens, 8, seed=seed)
+    assert block_hashes(tuple(tokens), 8, seed=seed) == expected
+    assert block_hashes(np.array(tokens, dtype=np.uint32), 8, seed=seed) == expected
+    assert block_hashes(np.array(tokens, dtype=np.int32)[::1], 8, seed=seed) == expected
+
+
+def test_trailing_zero_ids_are_hashed_in_full() -> None:
+    # Blocks are split as fixed-width bytes; a zero id at a block's end must not be trimmed away.
+    seed = namespace_seed("m")
+    tokens = [7, 0, 0, 0, 0, 0, 0, 0]
+    assert block_hashes(tokens, 4, seed=seed) == reference(tokens, 4, seed)
+    assert block_hashes([7, 0, 0, 0], 4, seed=seed) != block_hashes([7, 0, 0, 1], 4, seed=seed)

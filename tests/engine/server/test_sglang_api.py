@@ -7,6 +7,7 @@ import json
 
 import aiohttp
 
+from cache.hashing import HASH_SCHEME
 from tests.engine.server.conftest import EngineServer
 
 
@@ -65,6 +66,7 @@ async def test_info_load_health_endpoints(engine_server: EngineServer) -> None:
         for path in ("/get_server_info", "/server_info"):
             info = await (await session.get(url + path)).json()
             assert info["served_model_name"] == engine_server.model_id and info["page_size"] == 16
+            assert info["kv_block_hash"] == HASH_SCHEME  # what lets a gateway trust its KV events
             assert info["internal_states"][0]["num_reqs"] >= 0
         for path in ("/get_model_info", "/model_info"):
             model = await (await session.get(url + path)).json()
