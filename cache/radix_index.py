@@ -9,18 +9,27 @@ for the device tier and one for the host tier: a few bytes per block instead of 
 Invariants:
 * ``node.children`` == number of nodes whose ``parent`` is ``node``; the parent links form a forest.
 * A node with no holders and no children is garbage and is deleted at once (cascading up to its parent).
-* LRU order: ``match`` and ``stored`` move blocks to the MRU end deepest-first, so ancestors are normally
-  fresher than descendants and the LRU end holds leaves; eviction gives non-leaves a second chance.
+* LRU order: every mutation that stores a chain (``stored``, ``insert_approximate``) moves its blocks to the
+  MRU end deepest-first, so ancestors are normally fresher than descendants and the LRU end holds leaves;
+  eviction gives non-leaves a second chance.
+* ``match`` is a pure query: it never reorders or changes anything (expired approximate entries aside).
+  Recency comes from the log instead: the gateway claims a request's prefix for its worker as soon as it
+  routes it, and the worker's KV events store it again, so a routed prefix is refreshed anyway. Keeping
+  queries out of the LRU order also keeps it a function of the replicated log, not of which replica
+  answered which query, and saves a scattered write per matched block on the routing hot path.
 * Not thread-safe: owned by one asyncio loop (or one thread).
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, repeat
+from operator import and_, attrgetter, invert, or_
 
 from cache.tiers import Tier
 
@@ -67,6 +76,10 @@ class _Node:
         self.children = 0
 
 
+_device_of = attrgetter("device")
+_host_of = attrgetter("host")
+
+
 def _bits(mask: int) -> Iterator[int]:
     while mask:
         low = mask & -mask
@@ -99,45 +112,54 @@ class RadixIndex:
     def match(self, hashes: Sequence[int]) -> dict[str, MatchResult]:
         """Per worker holding ``hashes[0]``: how many leading blocks it holds contiguously, by tier.
 
-        Refreshes the matched blocks in the LRU order; otherwise does not modify the index (expired
-        approximate entries are dropped first).
+        Does not modify the index, not even its LRU order (expired approximate entries are dropped first).
         """
         if self._approx_heap and self._approx_heap[0][0] <= self._clock():
             self.expire()
-        ends: dict[int, int] = {}
-        host_only: dict[int, int] = {}
-        first = self._nodes.get(hashes[0]) if hashes else None
-        if first is None:
+        # Every per-block step below is a C-level map/accumulate/count (~10-40 ns per block); Python-level
+        # work is per worker, not per block.
+        nodes = list(map(self._nodes.get, hashes))
+        with contextlib.suppress(ValueError):
+            del nodes[nodes.index(None) :]
+        if not nodes:
             return {}
-        active = first.device | first.host  # slots still matching; shrinks monotonically
+        # held[i]: slots holding every block 0..i in some tier. As a set it only shrinks with i, so as an int
+        # it never grows, and each distinct value is one contiguous run: a worker's match ends where its bit
+        # leaves, found with one list.count per run instead of one Python step per block.
+        held = list(accumulate(map(or_, map(_device_of, nodes), map(_host_of, nodes)), and_))
+        ends: dict[int, int] = {}
         depth = 0
-        for node in map(self._nodes.get, hashes):  # hot loop: ~100 ns per block
-            if node is None:
-                break
-            lost = active & ~(node.device | node.host)
-            if lost:
-                for slot in _bits(lost):
-                    ends[slot] = depth
-                active &= ~lost
-                if not active:
-                    break
-            if node.host & active:
-                only_host = node.host & ~node.device & active
-                for slot in _bits(only_host):
-                    host_only[slot] = host_only.get(slot, 0) + 1
-            depth += 1
-        for slot in _bits(active):
-            ends[slot] = depth
-        # Refresh LRU deepest first (ancestors end up fresher than descendants); deque(maxlen=0) runs the
-        # map in C.
-        deque(map(self._nodes.move_to_end, reversed(hashes[:depth])), maxlen=0)
+        while depth < len(held) and (mask := held[depth]):
+            depth += held.count(mask)
+            for slot in _bits(mask & ~(held[depth] if depth < len(held) else 0)):
+                ends[slot] = depth
+        if not ends:
+            return {}
+        del nodes[depth:]
+        host_only = self._host_only_counts(nodes, ends)
         names = self._names
         out: dict[str, MatchResult] = {}
         for slot, n in ends.items():
-            if n:
-                on_host = host_only.get(slot, 0)
-                out[names[slot]] = MatchResult(n, n - on_host, on_host)  # type: ignore[index]
+            on_host = host_only.get(slot, 0)
+            out[names[slot]] = MatchResult(n, n - on_host, on_host)  # type: ignore[index]
         return out
+
+    def _host_only_counts(self, nodes: list[_Node], ends: dict[int, int]) -> dict[int, int]:
+        """Per slot in ``ends``: how many of its first ``ends[slot]`` blocks it holds on the host only."""
+        counts: dict[int, int] = {}
+        if not any(self._host_count[slot] for slot in ends):
+            return counts
+        hosts = list(map(_host_of, nodes))
+        if hosts.count(0) == len(hosts):
+            return counts
+        host_only = list(map(and_, hosts, map(invert, map(_device_of, nodes))))
+        for slot, end in ends.items():
+            if self._host_count[slot]:
+                bit = 1 << slot
+                # sum of (mask & bit) over the prefix = bit * (blocks with the bit set), all in C.
+                if n := sum(map(and_, host_only[:end], repeat(bit))) >> slot:
+                    counts[slot] = n
+        return counts
 
     def holders(self, block_hash: int) -> dict[str, set[Tier]]:
         """Who holds one block, in which tiers (for tests and debugging)."""

@@ -76,13 +76,24 @@ def test_eviction_bounds_blocks_and_removes_leaves_first() -> None:
     for chain in range(50):
         hashes = [chain * 1000 + i for i in range(10)]
         index.stored(f"w{chain % 3}", None, hashes)
-        index.match(list(range(10)))  # keep chain 0 hot
+        index.insert_approximate("w0", None, list(range(10)), float("inf"))  # routed again: keeps chain 0 hot
         assert len(index) <= 100
         check_invariants(index)
     assert index.evictions > 0
     assert index.match(list(range(10))) == {"w0": MatchResult(10, 10, 0)}
     recent = [49 * 1000 + i for i in range(10)]
     assert index.match(recent)["w1"].blocks == 10
+
+
+def test_match_does_not_refresh_lru_order() -> None:
+    # Queries are pure: only stores refresh recency, so a queried but never routed chain is evicted first.
+    index = RadixIndex(RadixIndexConfig(max_blocks=4))
+    index.stored("a", None, [1, 2])
+    index.stored("b", None, [3, 4])
+    assert index.match([1, 2]) == {"a": MatchResult(2, 2, 0)}
+    index.stored("b", 4, [5, 6])
+    assert index.match([1, 2]) == {} and index.match([3, 4, 5, 6]) == {"b": MatchResult(4, 4, 0)}
+    check_invariants(index)
 
 
 def test_stats_report_blocks_per_worker() -> None:
