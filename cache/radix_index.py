@@ -1,42 +1,52 @@
 """RadixIndex: which worker holds which prefix of blocks, and in which tier.
 
-Representation: chained block hashes already encode their whole prefix (see ``cache.hashing``), so the
-radix tree is a flat ``OrderedDict[hash -> _Node]`` plus parent links. The dict gives O(1) lookup per block;
-the parent links and child counts exist only so that eviction removes leaves first and never orphans a
-subtree. Holders of a block are two bitmasks over small per-index worker slots (bit s = worker slot s), one
-for the device tier and one for the host tier: a few bytes per block instead of a dict per block.
+Representation: chained block hashes already encode their whole prefix (see ``cache.hashing``), so hash
+``h_i`` *is* the radix-tree node for blocks ``0..i`` and the tree needs no explicit edges: it is one flat
+``OrderedDict[hash -> holders]``. ``holders`` is one int packing three bitmasks over small per-index worker
+slots (bit s = worker slot s; ``shift`` >= the number of slots), laid out for ``match``::
+
+    holders = held | host_only << shift | both << 2 * shift
+    held = device | host,  host_only = host & ~device,  both = device & host
+
+so the prefix-AND of ``holders`` along a query carries, in its low ``shift`` bits, who holds every block so
+far, and each block's ``host_only`` bits count the blocks a worker would have to copy back from the host.
+
+Why this shape: on a gateway the index is read once per request for the whole prompt (hundreds of blocks),
+and at a million blocks every lookup is a cache miss. A flat dict of ints costs one lookup per block and no
+pointer chase to a node object, and the holders ints are interned, so the few hundred distinct values stay in
+cache. ``match`` then runs each per-block step as a C-level ``map``/``accumulate``/``count``.
 
 Invariants:
-* ``node.children`` == number of nodes whose ``parent`` is ``node``; the parent links form a forest.
-* A node with no holders and no children is garbage and is deleted at once (cascading up to its parent).
+* No entry has holders 0: a block nobody holds is deleted at once.
+* ``_device_count[s]`` / ``_host_count[s]`` == the number of entries with slot s's device / host bit.
 * LRU order: every mutation that stores a chain (``stored``, ``insert_approximate``) moves its blocks to the
-  MRU end deepest-first, so ancestors are normally fresher than descendants and the LRU end holds leaves;
-  eviction gives non-leaves a second chance.
+  MRU end deepest-first, so a chain's ancestors are fresher than its descendants and eviction (plain LRU,
+  from the front) takes leaves first. A descendant stored later than its ancestors (a continuation event) can
+  outlive them; it is then unreachable by ``match`` and ages out.
 * ``match`` is a pure query: it never reorders or changes anything (expired approximate entries aside).
   Recency comes from the log instead: the gateway claims a request's prefix for its worker as soon as it
   routes it, and the worker's KV events store it again, so a routed prefix is refreshed anyway. Keeping
   queries out of the LRU order also keeps it a function of the replicated log, not of which replica
-  answered which query, and saves a scattered write per matched block on the routing hot path.
+  answered which query.
 * Not thread-safe: owned by one asyncio loop (or one thread).
 """
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat
-from operator import and_, attrgetter, invert, or_
+from operator import and_
 
 from cache.tiers import Tier
 
 
 @dataclass(frozen=True)
 class RadixIndexConfig:
-    max_blocks: int = 2_000_000  # distinct blocks kept; beyond this, LRU leaves are evicted
+    max_blocks: int = 2_000_000  # distinct blocks kept; beyond this, LRU blocks are evicted
     approx_ttl_s: float = 120.0  # lifetime of approximate (routed, not reported) entries
 
 
@@ -65,26 +75,14 @@ class IndexStats:
     per_worker: dict[str, tuple[int, int]]  # worker -> (device blocks, host blocks)
 
 
-class _Node:
-    __slots__ = ("children", "device", "host", "key", "parent")
-
-    def __init__(self, key: int, parent: _Node | None) -> None:
-        self.key = key
-        self.parent = parent
-        self.device = 0  # bitmask of worker slots holding this block on the device
-        self.host = 0  # bitmask of worker slots holding this block in host memory
-        self.children = 0
-
-
-_device_of = attrgetter("device")
-_host_of = attrgetter("host")
-
-
 def _bits(mask: int) -> Iterator[int]:
     while mask:
         low = mask & -mask
         yield low.bit_length() - 1
         mask ^= low
+
+
+_MEMO_LIMIT = 1 << 16  # distinct holders values interned before the table starts over
 
 
 class RadixIndex:
@@ -93,7 +91,9 @@ class RadixIndex:
     ) -> None:
         self.config = config or RadixIndexConfig()
         self._clock = clock  # wall clock: approximate expiries are absolute so replicas agree on them
-        self._nodes: OrderedDict[int, _Node] = OrderedDict()
+        self._blocks: OrderedDict[int, int] = OrderedDict()  # hash -> holders, LRU -> MRU
+        self._shift = 64  # grows (re-encoding every block) past 64 worker slots
+        self._interned: dict[int, int] = {}
         self._slot_of: dict[str, int] = {}
         self._names: list[str | None] = []  # slot -> worker id; None = free slot
         self._device_count: list[int] = []
@@ -104,7 +104,7 @@ class RadixIndex:
 
     # ---- queries -------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._nodes)
+        return len(self._blocks)
 
     def workers(self) -> list[str]:
         return [name for name in self._names if name is not None]
@@ -116,61 +116,62 @@ class RadixIndex:
         """
         if self._approx_heap and self._approx_heap[0][0] <= self._clock():
             self.expire()
-        # Every per-block step below is a C-level map/accumulate/count (~10-40 ns per block); Python-level
-        # work is per worker, not per block.
-        nodes = list(map(self._nodes.get, hashes))
-        with contextlib.suppress(ValueError):
-            del nodes[nodes.index(None) :]
-        if not nodes:
-            return {}
-        # held[i]: slots holding every block 0..i in some tier. As a set it only shrinks with i, so as an int
-        # it never grows, and each distinct value is one contiguous run: a worker's match ends where its bit
-        # leaves, found with one list.count per run instead of one Python step per block.
-        held = list(accumulate(map(or_, map(_device_of, nodes), map(_host_of, nodes)), and_))
+        if not hashes or hashes[0] not in self._blocks:
+            return {}  # the common miss: a prompt nobody has seen
+        holders = list(map(self._blocks.get, hashes, repeat(0)))  # 0 = nobody
+        # prefix[i]: bits set in the holders of every block 0..i. As a set it only shrinks with i, so as an int
+        # it never grows, and each distinct value is one contiguous run: a worker's match ends where its
+        # held bit leaves, found with one list.count per run instead of one Python step per block. A missing
+        # block makes the prefix 0 from there on, which ends every run.
+        prefix = list(accumulate(holders, and_))
+        low, n = (1 << self._shift) - 1, len(prefix)
         ends: dict[int, int] = {}
         depth = 0
-        while depth < len(held) and (mask := held[depth]):
-            depth += held.count(mask)
-            for slot in _bits(mask & ~(held[depth] if depth < len(held) else 0)):
+        while depth < n and (held := prefix[depth] & low):
+            depth += prefix.count(prefix[depth])
+            for slot in _bits(held & ~(prefix[depth] & low if depth < n else 0)):
                 ends[slot] = depth
-        if not ends:
-            return {}
-        del nodes[depth:]
-        host_only = self._host_only_counts(nodes, ends)
+        on_host = self._host_only_counts(holders[:depth], ends) if self._host_count else {}
         names = self._names
         out: dict[str, MatchResult] = {}
-        for slot, n in ends.items():
-            on_host = host_only.get(slot, 0)
-            out[names[slot]] = MatchResult(n, n - on_host, on_host)  # type: ignore[index]
+        for slot, end in ends.items():
+            host = on_host.get(slot, 0)
+            out[names[slot]] = MatchResult(end, end - host, host)  # type: ignore[index]
         return out
 
-    def _host_only_counts(self, nodes: list[_Node], ends: dict[int, int]) -> dict[int, int]:
-        """Per slot in ``ends``: how many of its first ``ends[slot]`` blocks it holds on the host only."""
+    def _host_only_counts(self, holders: list[int], ends: dict[int, int]) -> dict[int, int]:
+        """Per slot in ``ends``: how many of its first ``ends[slot]`` blocks it holds on the host only.
+
+        Interned holders take few distinct values along one query, so this counts occurrences of each
+        value (C-level list.count) rather than testing bits block by block.
+        """
         counts: dict[int, int] = {}
         if not any(self._host_count[slot] for slot in ends):
             return counts
-        hosts = list(map(_host_of, nodes))
-        if hosts.count(0) == len(hosts):
-            return counts
-        host_only = list(map(and_, hosts, map(invert, map(_device_of, nodes))))
+        shift = self._shift
+        low = (1 << shift) - 1
+        with_host_only = [v for v in set(holders) if v >> shift & low]
         for slot, end in ends.items():
-            if self._host_count[slot]:
-                bit = 1 << slot
-                # sum of (mask & bit) over the prefix = bit * (blocks with the bit set), all in C.
-                if n := sum(map(and_, host_only[:end], repeat(bit))) >> slot:
-                    counts[slot] = n
+            bit = 1 << (shift + slot)
+            if values := [v for v in with_host_only if v & bit]:
+                prefix = holders[:end]
+                counts[slot] = sum(map(prefix.count, values))
         return counts
 
     def holders(self, block_hash: int) -> dict[str, set[Tier]]:
         """Who holds one block, in which tiers (for tests and debugging)."""
-        node = self._nodes.get(block_hash)
+        device, host = self._decode(self._blocks.get(block_hash, 0))
         out: dict[str, set[Tier]] = {}
-        if node is None:
-            return out
-        for tier, mask in ((Tier.DEVICE, node.device), (Tier.HOST, node.host)):
+        for tier, mask in ((Tier.DEVICE, device), (Tier.HOST, host)):
             for slot in _bits(mask):
                 out.setdefault(self._names[slot], set()).add(tier)  # type: ignore[arg-type]
         return out
+
+    def tier_masks(self) -> Iterator[tuple[int, int, int]]:
+        """``(hash, device mask, host mask)`` for every block, LRU first (for snapshots)."""
+        decode = self._decode
+        for h, holders in self._blocks.items():
+            yield h, *decode(holders)
 
     def stats(self) -> IndexStats:
         per_worker = {
@@ -178,15 +179,18 @@ class RadixIndex:
             for slot, name in enumerate(self._names)
             if name is not None
         }
-        return IndexStats(len(self._nodes), self.evictions, len(self._approx_expiry), per_worker)
+        return IndexStats(len(self._blocks), self.evictions, len(self._approx_expiry), per_worker)
 
     # ---- mutations -----------------------------------------------------------------------------------
     def stored(
         self, worker: str, parent_hash: int | None, hashes: Sequence[int], tier: Tier = Tier.DEVICE
     ) -> None:
-        """``worker`` now holds ``hashes`` (a chain continuing ``parent_hash``) in ``tier``."""
+        """``worker`` now holds ``hashes`` (a chain continuing ``parent_hash``) in ``tier``.
+
+        ``parent_hash`` is accepted as KV events carry it; chained hashes already encode the parent.
+        """
         slot = self._slot(worker)
-        self._store(slot, parent_hash, hashes, tier)
+        self._store(slot, hashes, tier)
         if self._approx_expiry and tier is Tier.DEVICE:
             for h in hashes:  # reported by the worker itself: no longer a guess that should expire
                 self._approx_expiry.pop((slot, h), None)
@@ -203,7 +207,7 @@ class RadixIndex:
         if expires_at is None:
             expires_at = self._clock() + self.config.approx_ttl_s
         slot = self._slot(worker)
-        self._store(slot, parent_hash, hashes, Tier.DEVICE)
+        self._store(slot, hashes, Tier.DEVICE)
         expiry = self._approx_expiry
         for h in hashes:
             key = (slot, h)
@@ -218,11 +222,9 @@ class RadixIndex:
         if slot is None:
             return
         for h in hashes:
-            node = self._nodes.get(h)
-            if node is not None:
-                self._unset(node, slot, tier)
-                if self._approx_expiry and tier is Tier.DEVICE:
-                    self._approx_expiry.pop((slot, h), None)
+            self._unset(slot, h, tier)
+            if self._approx_expiry and tier is Tier.DEVICE:
+                self._approx_expiry.pop((slot, h), None)
 
     def cleared(self, worker: str) -> None:
         """``worker`` holds nothing any more (restart, cache flush, or stale event stream). O(blocks)."""
@@ -230,16 +232,13 @@ class RadixIndex:
         if slot is None:
             return
         if self._device_count[slot] or self._host_count[slot]:
-            mask = 1 << slot
-            garbage = []
-            for node in self._nodes.values():
-                if (node.device | node.host) & mask:
-                    node.device &= ~mask
-                    node.host &= ~mask
-                    if not (node.device | node.host or node.children):
-                        garbage.append(node)
-            for node in garbage:
-                self._drop_if_garbage(node)
+            bit, blocks = 1 << slot, self._blocks
+            for h, holders in [item for item in blocks.items() if item[1] & bit]:  # held bit: any tier
+                device, host = self._decode(holders)
+                if device & ~bit or host & ~bit:
+                    blocks[h] = self._encode(device & ~bit, host & ~bit)  # keeps the LRU position
+                else:
+                    del blocks[h]
             self._device_count[slot] = self._host_count[slot] = 0
         if self._approx_expiry:
             for key in [k for k in self._approx_expiry if k[0] == slot]:
@@ -263,87 +262,92 @@ class RadixIndex:
             if expiry.get((slot, h)) != expires_at:
                 continue  # superseded by a later insert, or confirmed/removed since
             del expiry[(slot, h)]
-            node = self._nodes.get(h)
-            if node is not None:
-                self._unset(node, slot, Tier.DEVICE)
+            self._unset(slot, h, Tier.DEVICE)
             dropped += 1
         return dropped
 
     # ---- internals -----------------------------------------------------------------------------------
+    def _encode(self, device: int, host: int) -> int:
+        """The holders int for these tier masks, interned: one shared object per distinct value, so
+        match's reads of them stay in cache."""
+        shift = self._shift
+        holders = (device | host) | (host & ~device) << shift | (device & host) << 2 * shift
+        interned = self._interned
+        if len(interned) >= _MEMO_LIMIT:
+            interned.clear()
+        return interned.setdefault(holders, holders)
+
+    def _decode(self, holders: int) -> tuple[int, int]:
+        """``(device, host)`` masks of a holders int."""
+        shift = self._shift
+        low = (1 << shift) - 1
+        held, host_only, both = holders & low, holders >> shift & low, holders >> 2 * shift
+        return held & ~host_only, host_only | both
+
     def _slot(self, worker: str) -> int:
         slot = self._slot_of.get(worker)
         if slot is not None:
             return slot
         try:
-            slot = self._names.index(None)  # reuse: small slots keep masks small (cached) ints
+            slot = self._names.index(None)  # reuse: small slots keep masks small
             self._names[slot] = worker
         except ValueError:
             slot = len(self._names)
+            if slot >= self._shift:
+                self._widen(2 * self._shift)
             self._names.append(worker)
             self._device_count.append(0)
             self._host_count.append(0)
         self._slot_of[worker] = slot
         return slot
 
-    def _store(self, slot: int, parent_hash: int | None, hashes: Sequence[int], tier: Tier) -> None:
-        bit = 1 << slot
-        nodes = self._nodes
-        parent = nodes.get(parent_hash) if parent_hash is not None else None
-        counts = self._device_count if tier is Tier.DEVICE else self._host_count
+    def _widen(self, shift: int) -> None:
+        """Re-encode every holders value with a larger ``shift`` (when worker slots outgrow it). O(blocks)."""
+        blocks, decode = self._blocks, self._decode
+        masks = [(h, *decode(holders)) for h, holders in blocks.items()]
+        self._shift, self._interned = shift, {}
+        for h, device, host in masks:
+            blocks[h] = self._encode(device, host)
+
+    def _store(self, slot: int, hashes: Sequence[int], tier: Tier) -> None:
+        bit, on_device = 1 << slot, tier is Tier.DEVICE
+        blocks, get, decode, encode = self._blocks, self._blocks.get, self._decode, self._encode
+        added = 0
         for h in hashes:
-            node = nodes.get(h)
-            if node is None:
-                node = nodes[h] = _Node(h, parent)
-                if parent is not None:
-                    parent.children += 1
-            if tier is Tier.DEVICE:
-                if not node.device & bit:
-                    node.device |= bit
-                    counts[slot] += 1
-            elif not node.host & bit:
-                node.host |= bit
-                counts[slot] += 1
-            parent = node
-        touch = nodes.move_to_end
-        for h in reversed(hashes):  # deepest first: ancestors end up fresher than descendants
-            touch(h)
+            device, host = decode(get(h, 0))
+            if on_device and not device & bit:
+                blocks[h] = encode(device | bit, host)
+                added += 1
+            elif not on_device and not host & bit:
+                blocks[h] = encode(device, host | bit)
+                added += 1
+        counts = self._device_count if on_device else self._host_count
+        counts[slot] += added
+        # Deepest first: ancestors end up fresher than descendants. deque(maxlen=0) runs the map in C.
+        deque(map(blocks.move_to_end, reversed(hashes)), maxlen=0)
 
-    def _unset(self, node: _Node, slot: int, tier: Tier) -> None:
-        bit = 1 << slot
-        if tier is Tier.DEVICE:
-            if node.device & bit:
-                node.device &= ~bit
-                self._device_count[slot] -= 1
-        elif node.host & bit:
-            node.host &= ~bit
-            self._host_count[slot] -= 1
-        self._drop_if_garbage(node)
-
-    def _drop_if_garbage(self, node: _Node | None) -> None:
-        nodes = self._nodes
-        while node is not None and not (node.device | node.host or node.children):
-            if nodes.get(node.key) is not node:
-                return
-            del nodes[node.key]
-            parent, node.parent = node.parent, None
-            if parent is not None:
-                parent.children -= 1
-            node = parent
+    def _unset(self, slot: int, block_hash: int, tier: Tier) -> None:
+        bit, on_device = 1 << slot, tier is Tier.DEVICE
+        device, host = self._decode(self._blocks.get(block_hash, 0))
+        if not (device if on_device else host) & bit:
+            return
+        if on_device:
+            device &= ~bit
+        else:
+            host &= ~bit
+        if device or host:
+            self._blocks[block_hash] = self._encode(device, host)
+        else:
+            del self._blocks[block_hash]
+        counts = self._device_count if on_device else self._host_count
+        counts[slot] -= 1
 
     def _evict_over_capacity(self) -> None:
-        nodes = self._nodes
-        while len(nodes) > self.config.max_blocks:
-            key, node = nodes.popitem(last=False)
-            if node.children:  # not a leaf: second chance, so subtrees are never orphaned
-                nodes[key] = node
-                continue
-            for slot in _bits(node.device):
+        blocks = self._blocks
+        while len(blocks) > self.config.max_blocks:
+            device, host = self._decode(blocks.popitem(last=False)[1])
+            for slot in _bits(device):
                 self._device_count[slot] -= 1
-            for slot in _bits(node.host):
+            for slot in _bits(host):
                 self._host_count[slot] -= 1
-            node.device = node.host = 0
-            parent, node.parent = node.parent, None
             self.evictions += 1
-            if parent is not None:
-                parent.children -= 1
-                self._drop_if_garbage(parent)

@@ -63,18 +63,11 @@ class BruteForceIndex:
 
 
 def check_invariants(index: RadixIndex) -> None:
-    nodes = index._nodes
-    children: dict[int, int] = {}
-    for key, node in nodes.items():
-        assert node.key == key
-        assert node.device | node.host or node.children, "garbage node kept"
-        if node.parent is not None:
-            assert nodes.get(node.parent.key) is node.parent, "parent link to a deleted node"
-            children[node.parent.key] = children.get(node.parent.key, 0) + 1
-    for key, node in nodes.items():
-        assert node.children == children.get(key, 0)
+    blocks = list(index.tier_masks())
+    assert all(device | host for _, device, host in blocks), "a block nobody holds was kept"
+    assert len(blocks) == len(index)
     stats = index.stats()
     for worker, (device, host) in stats.per_worker.items():
         slot = index._slot_of[worker]
-        assert device == sum(1 for n in nodes.values() if n.device >> slot & 1)
-        assert host == sum(1 for n in nodes.values() if n.host >> slot & 1)
+        assert device == sum(1 for _, d, _ in blocks if d >> slot & 1)
+        assert host == sum(1 for _, _, h in blocks if h >> slot & 1)

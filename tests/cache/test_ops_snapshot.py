@@ -66,4 +66,4 @@ def test_snapshot_reproduces_matches(op_list: list, queries: list[list[int]]) ->
     assert len(copy) == len(index) and copy.stats() == index.stats()
     for q in queries:
         assert copy.match(q) == index.match(q)
-    assert list(copy._nodes) == list(index._nodes)  # LRU order kept
+    assert list(copy.tier_masks()) == list(index.tier_masks())  # LRU order kept

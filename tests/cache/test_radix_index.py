@@ -1,8 +1,11 @@
+import random
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from cache.radix_index import MatchResult, RadixIndex, RadixIndexConfig
+from cache.snapshot import dump_index, load_index
 from cache.tiers import Tier
 from tests.cache.index_model import BruteForceIndex, check_invariants
 
@@ -102,6 +105,43 @@ def test_stats_report_blocks_per_worker() -> None:
     index.stored("a", 2, [3], Tier.HOST)
     stats = index.stats()
     assert stats.blocks == 3 and stats.per_worker == {"a": (2, 1)}
+
+
+def test_more_workers_than_one_mask_word_agree_with_model() -> None:
+    # Slots past 64 re-encode every block's holders (device | host << shift) with a wider shift.
+    rng = random.Random(7)
+    index, model = RadixIndex(clock=lambda: 0.0), BruteForceIndex()
+    for step in range(3000):
+        worker, tier = f"w{rng.randrange(80)}", rng.choice([Tier.DEVICE, Tier.HOST])
+        hashes = [rng.randrange(1, 20) for _ in range(rng.randint(1, 5))]
+        if rng.random() < 0.7:
+            index.stored(worker, None, hashes, tier)
+            model.stored(worker, None, hashes, tier)
+        else:
+            index.removed(worker, hashes, tier)
+            model.removed(worker, hashes, tier)
+        if step % 100 == 0:
+            query = [rng.randrange(1, 20) for _ in range(6)]
+            assert index.match(query) == model.match(query)
+    assert index._shift == 128 and len(index.workers()) == 80
+    check_invariants(index)
+    copy = load_index(dump_index(index), clock=lambda: 0.0)
+    check_invariants(copy)
+    for _ in range(50):
+        query = [rng.randrange(1, 20) for _ in range(6)]
+        assert copy.match(query) == index.match(query) == model.match(query)
+
+
+def test_snapshot_keeps_free_slots() -> None:
+    index = RadixIndex()
+    for worker in ("a", "b", "c"):
+        index.stored(worker, None, [1, 2], Tier.HOST if worker == "c" else Tier.DEVICE)
+    index.remove_worker("b")
+    copy = load_index(dump_index(index))
+    assert copy.workers() == ["a", "c"] and copy.match([1, 2]) == index.match([1, 2])
+    copy.stored("d", None, [1])  # takes b's free slot, as the original would
+    index.stored("d", None, [1])
+    assert copy._slot_of == index._slot_of and copy.stats() == index.stats()
 
 
 WORKERS = st.sampled_from(["w0", "w1", "w2", "w3"])
