@@ -1,6 +1,7 @@
 """RedisIndexStore: gateway replicas share the index log, registry, session pins and counters in Redis.
 
-Keys (all under ``key_prefix``): ``log`` Stream of index ops (field ``op`` = ``cache.ops`` msgpack);
+Keys (all under ``key_prefix``; the index's own keys also under ``index:v<hash format>.<snapshot format>:``,
+so replicas of versions that name blocks differently never share a log): ``log`` Stream of index ops (field ``op`` = ``cache.ops`` msgpack);
 ``epoch`` token of the current Redis "generation"; ``snapshot`` msgpack ``{epoch, covered, index}`` where
 ``covered`` is the last stream id folded into the index; ``snapshot:covered``; ``log:trimmed`` (the MINID the
 log was last trimmed to); ``snapshot:lock``; ``workers`` hash; ``counters`` hash; ``pin:<session>``.
@@ -37,12 +38,18 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from cache.hashing import FORMAT_VERSION
 from cache.ops import IndexOp, WorkerGoneOp, apply_op, decode_op, encode_op
 from cache.radix_index import RadixIndex, RadixIndexConfig
-from cache.snapshot import dump_index, load_index
+from cache.snapshot import SNAPSHOT_VERSION, dump_index, load_index
 from cache.store import IndexStore, LocalState, StoreStatus
 
 logger = logging.getLogger(__name__)
+
+
+def index_key_prefix(key_prefix: str) -> str:
+    """Where the index log and snapshot live: versioned by hash and snapshot format."""
+    return f"{key_prefix}index:v{FORMAT_VERSION}.{SNAPSHOT_VERSION}:"
 
 
 @dataclass(frozen=True)
@@ -84,12 +91,12 @@ class RedisIndexStore(IndexStore):
         self._index_config = index_config
         self._index = RadixIndex(index_config)
         self._local = LocalState()
-        p = config.key_prefix
-        self._k_log, self._k_epoch, self._k_snapshot = p + "log", p + "epoch", p + "snapshot"
+        p, ix = config.key_prefix, index_key_prefix(config.key_prefix)
+        self._k_log, self._k_epoch, self._k_snapshot = ix + "log", ix + "epoch", ix + "snapshot"
         self._k_covered, self._k_trimmed, self._k_lock = (
-            p + "snapshot:covered",
-            p + "log:trimmed",
-            p + "snapshot:lock",
+            ix + "snapshot:covered",
+            ix + "log:trimmed",
+            ix + "snapshot:lock",
         )
         self._k_workers, self._k_counters, self._k_pin = p + "workers", p + "counters", p + "pin:"
         no_retry = Retry(NoBackoff(), 0)  # fail fast: the caller's fallback is better than a stall

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from cache.ops import ApproxOp, ClearedOp, IndexOp, RemovedOp, StoredOp, encode_op
+from cache.redis_store import index_key_prefix
 from cache.tiers import Tier
 from tests.cache.index_model import BruteForceIndex
 from tests.cache.redis_util import (
@@ -153,7 +154,7 @@ def test_replicas_converge_and_late_replica_catches_up_from_snapshot(shared_pref
         tail = random_ops(rng, ["w0", "w1"], 20)
         a.append(tail)
         ops_a += tail
-        log_len = redis.Redis.from_url(SHARED_URL).xlen(shared_prefix + "log")
+        log_len = redis.Redis.from_url(SHARED_URL).xlen(index_key_prefix(shared_prefix) + "log")
         assert log_len < len(ops_a) + len(ops_b)
 
         c = Replica(SHARED_URL, shared_prefix)

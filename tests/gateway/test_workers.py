@@ -33,9 +33,11 @@ def info_app(kv_block_hash: str) -> web.Application:
 
 
 async def probe(kv_block_hash: str) -> tuple[str, str | None]:
-    async with TestServer(info_app(kv_block_hash), host="127.0.0.1") as server:
-        async with aiohttp.ClientSession() as session:
-            worker = await WorkerPool(session, 3, 1.0).add(str(server.make_url("")))
+    async with (
+        TestServer(info_app(kv_block_hash), host="127.0.0.1") as server,
+        aiohttp.ClientSession() as session,
+    ):
+        worker = await WorkerPool(session, 3, 1.0).add(str(server.make_url("")))
     return worker.kind, worker.kv_events_endpoint
 
 
