@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cache.radix_index import IndexStats
+
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 # Per output token: time per output token (per request) and inter-token latency (per stream chunk).
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
@@ -104,6 +106,16 @@ class GatewayMetrics:
             ["worker", "tier"],
             registry=r,
         )
+        self.index_size = Gauge(
+            "prefixgate_index_size",
+            "Index entries: distinct blocks (bounded by max_blocks) and approximate (expiring) holder entries",
+            ["kind"],
+            registry=r,
+        )
+        self.index_evictions = Counter(
+            "prefixgate_index_evictions", "Blocks evicted from the index by its LRU bound", registry=r
+        )
+        self._index_evictions_seen = 0  # the index's own count when last observed
         self.store_degraded = Gauge(
             "prefixgate_store_degraded", "1 while the shared store is unreachable", registry=r
         )
@@ -111,6 +123,15 @@ class GatewayMetrics:
         self.totals: Tally[str] = Tally()
         self.reasons: Tally[str] = Tally()
         self.started = time.time()
+
+    def observe_index(self, stats: IndexStats) -> None:
+        self.index_size.labels("blocks").set(stats.blocks)
+        self.index_size.labels("approximate").set(stats.approx_entries)
+        # The index counts evictions itself; a replica that loads a snapshot gets a new index whose count
+        # restarts at 0, so a drop means everything it counted since is new.
+        seen = self._index_evictions_seen if stats.evictions >= self._index_evictions_seen else 0
+        self.index_evictions.inc(stats.evictions - seen)
+        self._index_evictions_seen = stats.evictions
 
     def record(self, rec: RequestRecord, inter_token_s: Sequence[float] = ()) -> None:
         self.recent.append(rec)

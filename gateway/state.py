@@ -160,7 +160,9 @@ class GatewayState:
     # -- observability -------------------------------------------------------------------------------
     def refresh_gauges(self) -> None:
         m = self.metrics
-        per_worker = self.store.index.stats().per_worker
+        stats = self.store.index.stats()
+        per_worker = stats.per_worker
+        m.observe_index(stats)
         for w in self.pool:
             m.worker_load.labels(w.worker_id).set(w.load)
             m.worker_healthy.labels(w.worker_id).set(1 if w.available else 0)

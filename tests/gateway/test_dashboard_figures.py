@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cache.radix_index import IndexStats
 from cache.store import LocalIndexStore
 from gateway.dashboard import (
     STALE_AFTER_S,
@@ -70,6 +71,21 @@ def test_counter_deltas_send_only_the_increase_and_a_heartbeat() -> None:
     assert list(first)[-3:-1] == ["dash|cluster|requests", "dash|replica|a|requests"]  # sent last
     again = counter_deltas("a", {"requests": 3, "cached_tokens": 10}, {"requests": 2, "cached_tokens": 10})
     assert again == {"dash|cluster|requests": 1, "dash|replica|a|requests": 1, "dash|replica|a|heartbeat": 1}
+
+
+def test_index_evictions_count_only_growth_across_index_replacements() -> None:
+    metrics = GatewayMetrics(recent=4)
+    value = lambda: metrics.registry.get_sample_value("prefixgate_index_evictions_total")  # noqa: E731
+    for evictions, expected in (
+        (5, 5),
+        (8, 8),
+        (2, 10),
+        (2, 10),
+        (3, 11),
+    ):  # 2: a snapshot replaced the index
+        metrics.observe_index(IndexStats(blocks=100, evictions=evictions, approx_entries=7, per_worker={}))
+        assert value() == expected
+    assert metrics.registry.get_sample_value("prefixgate_index_size", {"kind": "approximate"}) == 7
 
 
 def test_split_counters_ignores_other_counters() -> None:

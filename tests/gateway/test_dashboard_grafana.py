@@ -54,6 +54,13 @@ async def test_grafana_and_docs_match_the_exported_metrics(two_workers, gateway)
         families = await scrape(s, base) + await scrape(s, two_workers[0])
 
     exported = {sample.name for family in families for sample in family.samples}
+    index_size = {
+        sample.labels["kind"]: sample.value
+        for family in families
+        for sample in family.samples
+        if sample.name == "prefixgate_index_size"
+    }
+    assert index_size["blocks"] > 0, "the routed prompt's blocks are not in the exported index size"
     referenced = {
         name for q in grafana_queries(json.loads(GRAFANA.read_text())) for name in METRIC_NAME.findall(q)
     }
