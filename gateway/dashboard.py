@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -161,9 +162,14 @@ class Dashboard:
         self._heartbeats: dict[str, tuple[int, float]] = {}  # replica -> (last value, when it changed)
         self.cluster: dict[str, Any] | None = None
 
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(1.0 - self.clock() % 1.0)  # on the second, so replicas' samples line up
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sample every second until ``stop`` is set. A flag, not only cancellation: a cancel that lands
+        inside a redis-py call can be swallowed (redis/redis-py#2028), and the loop would never end."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):  # on the second, so replicas' samples line up
+                await asyncio.wait_for(stop.wait(), 1.0 - self.clock() % 1.0)
+            if stop.is_set():
+                return
             try:
                 await self.tick()
             except Exception:

@@ -29,6 +29,8 @@ from gateway.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_GRACE_S = 10.0  # how long shutdown waits for background tasks before going on without them
+
 
 class GatewayState:
     def __init__(self, config: GatewayConfig) -> None:
@@ -48,6 +50,7 @@ class GatewayState:
         )
         self._event_tasks: dict[str, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
+        self._stop = asyncio.Event()  # set at shutdown; the background loops check it
 
     @contextlib.asynccontextmanager
     async def run(self) -> AsyncIterator[None]:
@@ -76,13 +79,20 @@ class GatewayState:
         for url in cfg.workers:
             await self.add_worker(url)
         self._tasks.append(asyncio.create_task(self._health_loop(), name="gateway-health"))
-        self._tasks.append(asyncio.create_task(self.dashboard.run(), name="gateway-dashboard"))
+        self._tasks.append(asyncio.create_task(self.dashboard.run(self._stop), name="gateway-dashboard"))
         try:
             yield
         finally:
-            for task in [*self._tasks, *self._event_tasks.values()]:
+            # Loops stop on the flag too: a cancel that lands inside a redis-py call can be swallowed.
+            self._stop.set()
+            tasks = [*self._tasks, *self._event_tasks.values()]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks, *self._event_tasks.values(), return_exceptions=True)
+            _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S) if tasks else ((), ())
+            for task in pending:
+                log.warning(
+                    "background task %s did not stop within %.0f s", task.get_name(), SHUTDOWN_GRACE_S
+                )
             if self.dashboard.shared:
                 await self.dashboard.push()  # the cluster totals keep this replica's last second
             await self.store.close()
@@ -144,8 +154,11 @@ class GatewayState:
         await self.store.append_many(ops)
 
     async def _health_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.health_interval_s)
+        while not self._stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.config.health_interval_s)
+            if self._stop.is_set():
+                return
             try:
                 await self.pool.check_all()
                 for worker in self.pool:

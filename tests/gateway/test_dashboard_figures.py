@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from cache.radix_index import IndexStats
@@ -176,3 +178,32 @@ async def test_history_samples_are_windowed_and_served_since_a_time() -> None:
     assert figures(own_totals(metrics))["hit_rate_actual"] == pytest.approx(
         metrics.summary()["hit_rate_actual"]
     )
+
+
+class SwallowsCancel(LocalIndexStore):
+    """A store whose counter read swallows one cancellation, as redis-py can (redis/redis-py#2028)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = asyncio.Event()
+        self.swallowed = 0
+
+    async def counters(self) -> dict[str, int]:
+        self.reading.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        return await super().counters()
+
+
+async def test_sampling_loop_stops_on_its_flag_even_if_a_cancel_was_swallowed() -> None:
+    store, stop = SwallowsCancel(), asyncio.Event()
+    dashboard = Dashboard(GatewayMetrics(4), store, "a", shared=True, in_flight=lambda: 0)
+    task = asyncio.create_task(dashboard.run(stop))
+    await asyncio.wait_for(store.reading.wait(), 5)
+    stop.set()
+    task.cancel()  # lands inside the counter read and is swallowed there
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert store.swallowed == 1
+    assert done == {task}, "the loop went on sampling after its cancel was swallowed"
