@@ -34,10 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-timeout", type=float, default=600.0)
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports. All are held open until all are chosen: picking them one
+    at a time can hand out the same port twice before any engine has bound it."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,8 @@ def engine_workers(
     procs: list[subprocess.Popen] = []
     urls: list[str] = []
     try:
-        for _ in range(count):
-            port, events = free_port(), free_port()
+        ports = free_ports(2 * count)
+        for port, events in zip(ports[::2], ports[1::2], strict=True):
             cmd = [
                 sys.executable,
                 "-m",
