@@ -3,7 +3,8 @@
 Prints: hashing time for an 8k-token prompt; match latency p50/p99 for 4k-token prompts (256 blocks) against
 an index of ``--blocks`` blocks spread over ``--workers`` workers (queries are hash lists built with the
 index, so cold in the CPU cache: pessimistic); the same for hashing plus matching a fresh prompt, as the
-gateway does per request; memory per block (tracemalloc); the time to clear one worker's entries.
+gateway does per request; memory per block (tracemalloc); snapshot dump/load times (Redis replicas write
+them on the event loop); the time to clear one worker's entries.
 Targets from issue #4: hashing 8k tokens <= 100 us, match p99 <= 200 us.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from cache.hashing import block_hashes, namespace_seed
 from cache.radix_index import RadixIndex, RadixIndexConfig
+from cache.snapshot import dump_index, load_index
 from cache.tiers import Tier
 
 
@@ -120,6 +122,14 @@ def main() -> None:
     route = bench_route(index, len(chains))
     p50, p99 = _percentile(route, 0.5), _percentile(route, 0.99)
     print(f"hash + match 4k-token prompt from a token list: p50 {p50 * 1e6:.1f} us, p99 {p99 * 1e6:.1f} us")
+    t0 = time.perf_counter()
+    blob = dump_index(index)
+    t1 = time.perf_counter()
+    load_index(blob)
+    print(
+        f"snapshot: dump {(t1 - t0) * 1e3:.0f} ms, load {(time.perf_counter() - t1) * 1e3:.0f} ms, "
+        f"{len(blob) / 1e6:.1f} MB"
+    )
     # Last, as it changes the index: what a worker restart, a KV-event gap or a cache flush costs the gateway.
     worker = max(index.stats().per_worker.items(), key=lambda item: sum(item[1]))[0]
     held = sum(index.stats().per_worker[worker])

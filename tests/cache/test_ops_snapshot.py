@@ -1,3 +1,4 @@
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -67,3 +68,16 @@ def test_snapshot_reproduces_matches(op_list: list, queries: list[list[int]]) ->
     for q in queries:
         assert copy.match(q) == index.match(q)
     assert list(copy.tier_masks()) == list(index.tier_masks())  # LRU order kept
+
+
+def test_snapshot_of_an_empty_index_and_inconsistent_columns() -> None:
+    assert len(load_index(dump_index(RadixIndex()))) == 0
+    index = RadixIndex()
+    index.stored("a", None, [1, 2, 3])
+    state = msgpack.unpackb(dump_index(index), raw=False)
+    state["value_ids"] = state["value_ids"][:-4]  # one block short
+    with pytest.raises(ValueError):
+        load_index(msgpack.packb(state, use_bin_type=True))
+    state["v"] = 1
+    with pytest.raises(ValueError, match="version"):
+        load_index(msgpack.packb(state, use_bin_type=True))
