@@ -15,8 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -162,18 +160,8 @@ class Dashboard:
         self._heartbeats: dict[str, tuple[int, float]] = {}  # replica -> (last value, when it changed)
         self.cluster: dict[str, Any] | None = None
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Sample every second until ``stop`` is set. A flag, not only cancellation: a cancel that lands
-        inside a redis-py call can be swallowed (redis/redis-py#2028), and the loop would never end."""
-        while not stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):  # on the second, so replicas' samples line up
-                await asyncio.wait_for(stop.wait(), 1.0 - self.clock() % 1.0)
-            if stop.is_set():
-                return
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("dashboard sample failed; the next one will try again")
+    def seconds_to_next_sample(self) -> float:
+        return 1.0 - self.clock() % 1.0
 
     async def tick(self) -> None:
         cluster_totals = None

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -30,6 +30,25 @@ from gateway.workers import Worker, WorkerPool
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 10.0  # how long shutdown waits for background tasks before going on without them
+
+
+async def run_periodically(
+    stop: asyncio.Event, interval: Callable[[], float], step: Callable[[], Awaitable[None]], what: str
+) -> None:
+    """Run ``step`` every ``interval()`` seconds until ``stop`` is set; a failed step is logged, not fatal.
+
+    Stops on the flag, not only on cancellation: a cancel that lands inside a redis-py call can be
+    swallowed (redis/redis-py#2028), and a loop relying on it would never end.
+    """
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval())
+        if stop.is_set():
+            return
+        try:
+            await step()
+        except Exception:
+            log.exception("%s failed; the next one will try again", what)
 
 
 class GatewayState:
@@ -78,8 +97,18 @@ class GatewayState:
         await self.store.start()
         for url in cfg.workers:
             await self.add_worker(url)
-        self._tasks.append(asyncio.create_task(self._health_loop(), name="gateway-health"))
-        self._tasks.append(asyncio.create_task(self.dashboard.run(self._stop), name="gateway-dashboard"))
+        health = run_periodically(
+            self._stop, lambda: cfg.health_interval_s, self._health_check, "health check"
+        )
+        # Dashboard samples on the second, so replicas' samples line up.
+        dashboard = self.dashboard
+        sample = run_periodically(
+            self._stop, dashboard.seconds_to_next_sample, dashboard.tick, "dashboard sample"
+        )
+        self._tasks += [
+            asyncio.create_task(health, name="gateway-health"),
+            asyncio.create_task(sample, name="gateway-dashboard"),
+        ]
         try:
             yield
         finally:
@@ -88,7 +117,7 @@ class GatewayState:
             tasks = [*self._tasks, *self._event_tasks.values()]
             for task in tasks:
                 task.cancel()
-            _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S) if tasks else ((), ())
+            _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
             for task in pending:
                 log.warning(
                     "background task %s did not stop within %.0f s", task.get_name(), SHUTDOWN_GRACE_S
@@ -153,22 +182,14 @@ class GatewayState:
     async def _apply_ops(self, ops: list[IndexOp]) -> None:
         await self.store.append_many(ops)
 
-    async def _health_loop(self) -> None:
-        while not self._stop.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), self.config.health_interval_s)
-            if self._stop.is_set():
-                return
-            try:
-                await self.pool.check_all()
-                for worker in self.pool:
-                    if worker.healthy and worker.model_id is None:
-                        await self.pool.probe(worker)  # it was down when attached
-                    self._ensure_event_feed(worker)
-                self.store.index.expire()
-                self.refresh_gauges()
-            except Exception:
-                log.exception("health loop iteration failed; continuing")
+    async def _health_check(self) -> None:
+        await self.pool.check_all()
+        for worker in self.pool:
+            if worker.healthy and worker.model_id is None:
+                await self.pool.probe(worker)  # it was down when attached
+            self._ensure_event_feed(worker)
+        self.store.index.expire()
+        self.refresh_gauges()
 
     # -- observability -------------------------------------------------------------------------------
     def refresh_gauges(self) -> None:

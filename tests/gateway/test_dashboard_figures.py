@@ -19,6 +19,7 @@ from gateway.dashboard import (
     split_counters,
 )
 from gateway.metrics import HISTOGRAM_BOUNDS, GatewayMetrics, RequestRecord, bucket_key
+from gateway.state import run_periodically
 
 
 def record(
@@ -200,7 +201,9 @@ class SwallowsCancel(LocalIndexStore):
 async def test_sampling_loop_stops_on_its_flag_even_if_a_cancel_was_swallowed() -> None:
     store, stop = SwallowsCancel(), asyncio.Event()
     dashboard = Dashboard(GatewayMetrics(4), store, "a", shared=True, in_flight=lambda: 0)
-    task = asyncio.create_task(dashboard.run(stop))
+    task = asyncio.create_task(
+        run_periodically(stop, dashboard.seconds_to_next_sample, dashboard.tick, "sample")
+    )
     await asyncio.wait_for(store.reading.wait(), 5)
     stop.set()
     task.cancel()  # lands inside the counter read and is swallowed there
