@@ -58,13 +58,8 @@ def namespace_seed(model_id: str, tenant_salt: str = "") -> int:
     return _xxh3(payload)
 
 
-def tokens_to_u32le(token_ids: Sequence[int] | np.ndarray) -> bytes:
-    """Pack token ids as contiguous u32 little-endian; raises OverflowError/ValueError outside [0, 2**32)."""
-    return _packed_u32le(token_ids).tobytes()
-
-
 def _packed_u32le(token_ids: Sequence[int] | np.ndarray) -> array.array | np.ndarray:
-    """``token_ids`` as a contiguous u32 little-endian buffer (no copy to bytes)."""
+    """``token_ids`` as a contiguous u32 little-endian buffer; OverflowError/ValueError outside [0, 2**32)."""
     if isinstance(token_ids, np.ndarray):
         if token_ids.size and (token_ids.min() < 0 or token_ids.max() > 0xFFFFFFFF):
             raise ValueError("token ids must fit in u32")

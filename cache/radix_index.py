@@ -131,7 +131,7 @@ class RadixIndex:
             depth += prefix.count(prefix[depth])
             for slot in _bits(held & ~(prefix[depth] & low if depth < n else 0)):
                 ends[slot] = depth
-        on_host = self._host_only_counts(holders[:depth], ends) if self._host_count else {}
+        on_host = self._host_only_counts(holders[:depth], ends)
         names = self._names
         out: dict[str, MatchResult] = {}
         for slot, end in ends.items():
@@ -168,7 +168,7 @@ class RadixIndex:
         return out
 
     def tier_masks(self) -> Iterator[tuple[int, int, int]]:
-        """``(hash, device mask, host mask)`` for every block, LRU first (for snapshots)."""
+        """``(hash, device mask, host mask)`` for every block, LRU first (for tests and debugging)."""
         decode = self._decode
         for h, holders in self._blocks.items():
             yield h, *decode(holders)
@@ -317,28 +317,36 @@ class RadixIndex:
             blocks[h] = self._encode(device, host)
 
     def _store(self, slot: int, hashes: Sequence[int], tier: Tier) -> None:
-        bit, on_device = 1 << slot, tier is Tier.DEVICE
+        # Every routed request stores its whole prompt (the routing claim), mostly blocks the worker already
+        # holds, so whether the tier bit is set is read off the encoded holders without decoding them:
+        # device <=> held and not host-only; host <=> host-only or both.
+        bit, shift, on_device = 1 << slot, self._shift, tier is Tier.DEVICE
         blocks, get, decode, encode = self._blocks, self._blocks.get, self._decode, self._encode
         added = 0
         for h in hashes:
-            device, host = decode(get(h, 0))
-            if on_device and not device & bit:
-                blocks[h] = encode(device | bit, host)
-                added += 1
-            elif not on_device and not host & bit:
-                blocks[h] = encode(device, host | bit)
-                added += 1
-        counts = self._device_count if on_device else self._host_count
-        counts[slot] += added
+            holders = get(h, 0)
+            if on_device:
+                if holders & (bit | bit << shift) == bit:
+                    continue
+                device, host = decode(holders)
+                device |= bit
+            else:
+                if holders & (bit << shift | bit << 2 * shift):
+                    continue
+                device, host = decode(holders)
+                host |= bit
+            blocks[h] = encode(device, host)
+            added += 1
+        self._tier_counts(tier)[slot] += added
         # Deepest first: ancestors end up fresher than descendants. deque(maxlen=0) runs the map in C.
         deque(map(blocks.move_to_end, reversed(hashes)), maxlen=0)
 
     def _unset(self, slot: int, block_hash: int, tier: Tier) -> None:
-        bit, on_device = 1 << slot, tier is Tier.DEVICE
+        bit = 1 << slot
         device, host = self._decode(self._blocks.get(block_hash, 0))
-        if not (device if on_device else host) & bit:
+        if not (device if tier is Tier.DEVICE else host) & bit:
             return
-        if on_device:
+        if tier is Tier.DEVICE:
             device &= ~bit
         else:
             host &= ~bit
@@ -346,8 +354,10 @@ class RadixIndex:
             self._blocks[block_hash] = self._encode(device, host)
         else:
             del self._blocks[block_hash]
-        counts = self._device_count if on_device else self._host_count
-        counts[slot] -= 1
+        self._tier_counts(tier)[slot] -= 1
+
+    def _tier_counts(self, tier: Tier) -> list[int]:
+        return self._device_count if tier is Tier.DEVICE else self._host_count
 
     def _evict_over_capacity(self) -> None:
         blocks = self._blocks
