@@ -18,10 +18,10 @@ import tracemalloc
 
 import numpy as np
 
-from cache.hashing import block_hashes, namespace_seed
-from cache.radix_index import RadixIndex, RadixIndexConfig
-from cache.snapshot import dump_index, load_index
-from cache.tiers import Tier
+from cache.index.radix_index import RadixIndex, RadixIndexConfig
+from cache.index.snapshot import dump_index, load_index
+from cache.wire.hashing import block_hashes, namespace_seed
+from cache.wire.tiers import Tier
 
 
 def _percentile(samples: list[float], q: float) -> float:

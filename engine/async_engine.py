@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from cache.api.sampling import SamplingParams
 from engine.engine import LLMEngine
-from engine.sampling import SamplingParams
 from engine.sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)

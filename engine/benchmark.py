@@ -12,9 +12,9 @@ import json
 import random
 import time
 
+from cache.api.sampling import SamplingParams
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
-from engine.sampling import SamplingParams
 
 
 def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:

@@ -13,17 +13,18 @@ from pathlib import Path
 
 import torch
 
+from cache.api.sampling import SamplingParams
+from cache.prompt.model_files import default_model_path
+from cache.prompt.tokenizer import Tokenizer
 from engine.config import EngineConfig
 from engine.kv.page_pool import PagePool
 from engine.kv.prefix_cache import BlockHasher, CacheListener, PrefixCache
 from engine.model_runner import ModelRunner, allocate_kv, kv_bytes_per_token
 from engine.models.cpu_linear import packing_available
 from engine.models.llama import LlamaForCausalLM
-from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence
-from engine.tokenizer import Tokenizer
-from engine.weights import default_model_path, load_checkpoint
+from engine.weights import load_checkpoint
 
 log = logging.getLogger(__name__)
 

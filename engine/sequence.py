@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from cache.api.sampling import SamplingParams
 from engine.kv.prefix_cache import Node
-from engine.sampling import SamplingParams
 
 
 class Status(enum.Enum):

@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from cache.api.errors import error_middleware
 from gateway import dashboard, handlers
 from gateway.config import GatewayConfig
-from gateway.errors import error_middleware
 from gateway.state import STATE, GatewayState
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from cache.store import IndexStore
+from cache.index.store import IndexStore
 from gateway.metrics import HISTOGRAM_BOUNDS, GatewayMetrics, hit_rates
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.errors import GatewayError
+from cache.api.errors import ApiError
 from gateway.policies import POLICIES
 from gateway.router import PreparedRequest
 from gateway.state import STATE, GatewayState
@@ -24,9 +24,9 @@ async def _json_body(request: web.Request) -> dict:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise GatewayError(400, f"the request body is not valid JSON: {exc}") from None
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
-        raise GatewayError(400, "the request body must be a JSON object")
+        raise ApiError(400, "the request body must be a JSON object")
     return body
 
 
@@ -40,9 +40,9 @@ async def _proxied(request: web.Request, kind: str) -> web.StreamResponse:
         if model is None and served:
             body["model"] = served[0]
         elif not isinstance(model, str):
-            raise GatewayError(400, "'model' must be a string", param="model")
+            raise ApiError(400, "'model' must be a string", param="model")
         elif served and model not in served:
-            raise GatewayError(
+            raise ApiError(
                 404,
                 f"the model '{model}' does not exist; served: {', '.join(served)}",
                 param="model",
@@ -50,10 +50,10 @@ async def _proxied(request: web.Request, kind: str) -> web.StreamResponse:
             )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise GatewayError(400, "'stream' must be a boolean", param="stream")
+        raise ApiError(400, "'stream' must be a boolean", param="stream")
     session_id = body.get("prompt_cache_key") or body.get("user") or request.headers.get("X-Session-ID")
     if session_id is not None and not isinstance(session_id, str):
-        raise GatewayError(400, "'prompt_cache_key' and 'user' must be strings", param="user")
+        raise ApiError(400, "'prompt_cache_key' and 'user' must be strings", param="user")
     req = PreparedRequest(
         kind=kind,
         body=body,
@@ -115,9 +115,7 @@ async def stats(request: web.Request) -> web.Response:
     try:
         since_t = float(since) if since is not None else None
     except ValueError:
-        raise GatewayError(
-            400, f"'since' must be a unix time in seconds, got {since!r}", param="since"
-        ) from None
+        raise ApiError(400, f"'since' must be a unix time in seconds, got {since!r}", param="since") from None
     return web.json_response(await request.app[STATE].stats(since_t))
 
 
@@ -138,7 +136,7 @@ async def add_worker(request: web.Request) -> web.Response:
     url = (await _json_body(request)).get("url")
     if not isinstance(url, str) or not url.startswith(state.config.allowed_worker_urls):
         allowed = ", ".join(state.config.allowed_worker_urls)
-        raise GatewayError(403, f"worker URL not allowed; allowed prefixes: {allowed}", param="url")
+        raise ApiError(403, f"worker URL not allowed; allowed prefixes: {allowed}", param="url")
     worker = await state.add_worker(url)
     return web.json_response(worker.describe(), status=201 if worker.healthy else 202)
 
@@ -147,7 +145,7 @@ async def remove_worker(request: web.Request) -> web.Response:
     state = _admin(request)
     worker_id = request.query.get("id") or request.query.get("url", "")
     if not await state.remove_worker(worker_id.rstrip("/")):
-        raise GatewayError(404, f"no worker {worker_id!r}", param="id")
+        raise ApiError(404, f"no worker {worker_id!r}", param="id")
     return web.json_response({"removed": worker_id})
 
 
@@ -155,9 +153,7 @@ async def set_policy(request: web.Request) -> web.Response:
     state = _admin(request)
     name = (await _json_body(request)).get("policy")
     if name not in POLICIES:
-        raise GatewayError(
-            400, f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}", param="policy"
-        )
+        raise ApiError(400, f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}", param="policy")
     state.router.set_policy(name)
     return web.json_response({"policy": name, "at": time.time()})
 

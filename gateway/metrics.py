@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from cache.radix_index import IndexStats
+from cache.index.radix_index import IndexStats
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 # Per output token: time per output token (per request) and inter-token latency (per stream chunk).

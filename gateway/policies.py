@@ -13,7 +13,7 @@ import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from cache.radix_index import MatchResult
+from cache.index.radix_index import MatchResult
 from gateway.config import RoutingConfig
 from gateway.workers import Worker
 

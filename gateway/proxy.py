@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from gateway.errors import GatewayError, error_body
+from cache.api.errors import ApiError, error_body
 from gateway.metrics import GatewayMetrics, RequestRecord
 from gateway.policies import Decision
 from gateway.router import PreparedRequest, Router
@@ -87,7 +87,7 @@ class Proxy:
             if outcome.status < 400:
                 await self.router.routed(req, worker, outcome.text)
             return response
-        raise GatewayError(502, f"the request failed on every worker tried ({last_error})")
+        raise ApiError(502, f"the request failed on every worker tried ({last_error})")
 
     def _upstream_body(self, req: PreparedRequest) -> bytes:
         body = dict(req.body)

@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from cache.hashing import block_hashes, namespace_seed
-from cache.ops import ApproxOp
-from cache.store import IndexStore
-from engine.chat import InvalidMessages, chat_prompt_ids
-from engine.tokenizer import Tokenizer
+from cache.api.errors import ApiError
+from cache.index.ops import ApproxOp
+from cache.index.store import IndexStore
+from cache.prompt.chat import InvalidMessages, chat_prompt_ids
+from cache.prompt.tokenizer import Tokenizer
+from cache.wire.hashing import block_hashes, namespace_seed
 from gateway.config import RoutingConfig, Tenant
-from gateway.errors import GatewayError
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Decision, Policy, RouteRequest, make_policy
 from gateway.workers import Worker, WorkerPool
@@ -66,7 +66,7 @@ class Router:
                 return chat_prompt_ids(self.tokenizer, body.get("messages"))
             prompt = body.get("prompt") if kind == "completions" else body.get("text", body.get("input_ids"))
             if kind == "generate" and prompt is None:
-                raise GatewayError(400, "either 'text' or 'input_ids' is required", param="text")
+                raise ApiError(400, "either 'text' or 'input_ids' is required", param="text")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
                 prompt = prompt[0]  # a batch of one
             if isinstance(prompt, str):
@@ -76,11 +76,11 @@ class Router:
             ):
                 ids = list(prompt)
             else:
-                raise GatewayError(400, "'prompt' must be a string or an array of token ids", param="prompt")
+                raise ApiError(400, "'prompt' must be a string or an array of token ids", param="prompt")
         except InvalidMessages as exc:
-            raise GatewayError(400, str(exc), param="messages") from None
+            raise ApiError(400, str(exc), param="messages") from None
         if not ids:
-            raise GatewayError(400, "the prompt is empty", param="prompt" if kind != "chat" else "messages")
+            raise ApiError(400, "the prompt is empty", param="prompt" if kind != "chat" else "messages")
         return ids
 
     # -- routing -------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ class Router:
         if req.kind == "generate":
             candidates = [w for w in candidates if w.native]
         if not candidates:
-            raise GatewayError(503, "no healthy worker can take this request; retry shortly")
+            raise ApiError(503, "no healthy worker can take this request; retry shortly")
         route = RouteRequest(prompt_tokens=len(req.prompt_ids), session_id=req.session_id)
         for model_id, page_size in {(w.model_id or "", w.page_size) for w in candidates}:
             matches = self.store.match(req.hashes(model_id, page_size))

@@ -13,13 +13,13 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from cache.ops import ClearedOp, IndexOp, WorkerGoneOp
-from cache.radix_index import RadixIndexConfig
-from cache.redis_store import RedisIndexStore, RedisStoreConfig
-from cache.store import IndexStore, LocalIndexStore
-from cache.zmq_consumer import KVEventConsumer, WorkerFeed
-from engine.tokenizer import Tokenizer
-from engine.weights import default_model_path
+from cache.index.ops import ClearedOp, IndexOp, WorkerGoneOp
+from cache.index.radix_index import RadixIndexConfig
+from cache.index.redis_store import RedisIndexStore, RedisStoreConfig
+from cache.index.store import IndexStore, LocalIndexStore
+from cache.index.zmq_consumer import KVEventConsumer, WorkerFeed
+from cache.prompt.model_files import default_model_path
+from cache.prompt.tokenizer import Tokenizer
 from gateway.config import GatewayConfig
 from gateway.dashboard import Dashboard, drop_dashboard_counters
 from gateway.metrics import GatewayMetrics

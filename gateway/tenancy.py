@@ -9,8 +9,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cache.api.errors import ApiError
 from gateway.config import Tenant
-from gateway.errors import GatewayError
 
 DEFAULT_TENANT = Tenant(name="default", salt="")
 
@@ -31,17 +31,15 @@ def authenticate(request: web.Request, api_keys: dict[str, Tenant]) -> Tenant:
         for key, tenant in api_keys.items():  # constant-time compare: keys are secrets
             if hmac.compare_digest(key.encode(), token.encode()):
                 return tenant
-    raise GatewayError(
-        401, "a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key"
-    )
+    raise ApiError(401, "a valid API key is required (Authorization: Bearer <key>)", code="invalid_api_key")
 
 
 def require_admin(request: web.Request, admin_key: str | None) -> None:
     if admin_key is None:
-        raise GatewayError(403, "admin routes are disabled: start the gateway with --admin-key")
+        raise ApiError(403, "admin routes are disabled: start the gateway with --admin-key")
     token = bearer_token(request)
     if token is None or not hmac.compare_digest(admin_key.encode(), token.encode()):
-        raise GatewayError(401, "the admin key is required (Authorization: Bearer <admin key>)")
+        raise ApiError(401, "the admin key is required (Authorization: Bearer <admin key>)")
 
 
 def load_api_keys(path: str | Path) -> dict[str, Tenant]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from cache.hashing import HASH_SCHEME
+from cache.wire.hashing import HASH_SCHEME
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Load generator: prefix-heavy workloads, an open/closed-loop streaming client, SGLang/vLLM metrics.
 
-Torch-free: it needs only aiohttp, orjson, numpy, matplotlib (plots) and ``engine.tokenizer``.
+Torch-free: it needs only aiohttp, orjson, numpy, matplotlib (plots) and ``cache.prompt.tokenizer``.
 
 - ``workloads/``: token-exact prompts (shared prefix, multi-turn chat, long-document QA, random control).
 - ``prompts.py``: turns a workload turn into an OpenAI request body (chat or completions, text or token ids).

@@ -199,8 +199,8 @@ def build_workload(args: argparse.Namespace, vocab: WordVocabulary) -> Workload:
 @functools.lru_cache(maxsize=4)  # a pure memo: parsing a GGUF vocabulary takes seconds
 def load_tokenizer(path: str | None):
     """The tokenizer of ``path`` (a GGUF file or HF directory); None: the bundled SmolLM2."""
-    from engine.tokenizer import Tokenizer
-    from engine.weights import default_model_path
+    from cache.prompt.model_files import default_model_path
+    from cache.prompt.tokenizer import Tokenizer
 
     return Tokenizer.from_checkpoint_path(path or default_model_path())
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import orjson
 
-from engine.tokenizer import Tokenizer
+from cache.prompt.tokenizer import Tokenizer
 from loadgen.workloads.base import Conversation, Turn
 
 Endpoint = Literal["chat", "completions"]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.weights import Checkpoint, default_model_path, load_checkpoint
+from cache.prompt.model_files import default_model_path
+from engine.weights import Checkpoint, load_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from cache.hashing import HASH_SCHEME
-from engine.sampling import SamplingParams
-from engine.server.errors import bad_request
+from cache.api.errors import bad_request
+from cache.api.sampling import SamplingParams
+from cache.wire.hashing import HASH_SCHEME
 from engine.server.protocol import get_bool, get_token_ids, read_json
 from engine.server.state import STATE, ServerState
 

@@ -17,15 +17,15 @@ from pathlib import Path
 
 from aiohttp import web
 
+from cache.api.errors import error_middleware
+from cache.prompt.model_files import default_model_path
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.server import admin_api, openai_api, sglang_api
-from engine.server.errors import error_middleware
 from engine.server.kv_events import KVEventPublisher, make_block_hasher, make_namespace_hash
 from engine.server.metrics import ServerMetrics
 from engine.server.state import STATE, ServerSettings, ServerState
-from engine.weights import default_model_path
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def served_model_id(config: EngineConfig) -> str:
 
 
 def load_engine(config: EngineConfig, settings: ServerSettings) -> tuple[LLMEngine, KVEventPublisher | None]:
-    """Load the model with block hashes named by ``cache.hashing`` and, if asked, a KV event publisher."""
+    """Load the model with block hashes named by ``cache.wire.hashing`` and, if asked, a KV event publisher."""
     config = dataclasses.replace(config, model_id=served_model_id(config))
     assert config.model_id is not None
     publisher = None

@@ -14,8 +14,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from cache.api.errors import ApiError, bad_request
 from engine.async_engine import EngineError, GenerationChunk
-from engine.server.errors import ApiError, bad_request
 from engine.server.protocol import GenerationRequest
 
 if TYPE_CHECKING:

@@ -1,8 +1,8 @@
 """KV cache events over ZMQ PUB, as vLLM publishes them, so any indexer can mirror this engine's cache.
 
 Wire: multipart ``[topic, seq, payload]``; ``seq`` is an 8-byte big-endian counter from 0, ``payload``
-a msgpack ``EventBatch`` in vLLM's array-like encoding (``cache.events``). Block hashes are
-``cache.hashing``'s chained hashes rooted at ``namespace_seed(model_id)``, so they equal what the
+a msgpack ``EventBatch`` in vLLM's array-like encoding (``cache.wire.events``). Block hashes are
+``cache.wire.hashing``'s chained hashes rooted at ``namespace_seed(model_id)``, so they equal what the
 gateway computes for the same token ids.
 
 Threading: the prefix cache calls the ``CacheListener`` methods on the engine thread; they only put
@@ -21,8 +21,15 @@ from collections.abc import Callable, Sequence
 
 import zmq
 
-from cache.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent, encode_event_batch
-from cache.hashing import block_hashes, namespace_seed
+from cache.wire.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    KVEvent,
+    encode_event_batch,
+)
+from cache.wire.hashing import block_hashes, namespace_seed
 from engine.kv.prefix_cache import BlockHasher
 
 log = logging.getLogger(__name__)
@@ -31,7 +38,7 @@ _STOP = object()
 
 
 def make_block_hasher(model_id: str, page_size: int) -> BlockHasher:
-    """The engine's page names: ``cache.hashing`` chains with one block per KV page."""
+    """The engine's page names: ``cache.wire.hashing`` chains with one block per KV page."""
     seed = namespace_seed(model_id)
 
     def hasher(parent: int | None, token_ids: Sequence[int]) -> list[int]:

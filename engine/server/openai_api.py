@@ -14,9 +14,9 @@ from typing import Any
 
 from aiohttp import web
 
+from cache.api import sse
+from cache.api.errors import ApiError, bad_request
 from engine.async_engine import GenerationChunk
-from engine.server import sse
-from engine.server.errors import ApiError, bad_request
 from engine.server.generation import generate_chunks, new_request_id
 from engine.server.protocol import (
     GenerationRequest,

@@ -14,10 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from engine import chat
-from engine.sampling import SamplingParams
-from engine.server.errors import ApiError, bad_request
-from engine.tokenizer import Tokenizer
+from cache.api.errors import ApiError, bad_request
+from cache.api.sampling import SamplingParams
+from cache.prompt import chat
+from cache.prompt.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS = 256  # OpenAI's default is "up to the context"; a bound keeps a bare request cheap
 
@@ -172,7 +172,7 @@ def _top_k(body: dict) -> int:
 
 # -- prompts --------------------------------------------------------------------------------------
 def chat_prompt_ids(tokenizer: Tokenizer, messages: Any) -> list[int]:
-    """``engine.chat.chat_prompt_ids`` (the one path the gateway shares), with its errors as 400s."""
+    """``cache.prompt.chat.chat_prompt_ids`` (the one path the gateway shares), with its errors as 400s."""
     try:
         return chat.chat_prompt_ids(tokenizer, messages)
     except chat.InvalidMessages as exc:

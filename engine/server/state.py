@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from cache.prompt.tokenizer import Tokenizer
 from engine.async_engine import AsyncEngine
 from engine.engine import LLMEngine
 from engine.server.generation import RequestTracker
 from engine.server.kv_events import KVEventPublisher
 from engine.server.metrics import ServerMetrics
-from engine.tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)

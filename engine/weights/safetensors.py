@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from cache.prompt.model_files import WeightLoadError
 from engine.models.config import ModelConfig
 from engine.weights import Checkpoint
-from engine.weights.errors import WeightLoadError
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 INDEX_FILE = "model.safetensors.index.json"

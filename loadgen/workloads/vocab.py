@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.tokenizer import Tokenizer
+from cache.prompt.tokenizer import Tokenizer
 
 SEPARATOR_TEXT = "\n\n"
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from cache.api.sampling import SamplingParams
 from engine.engine import LLMEngine
-from engine.sampling import SamplingParams
 from engine.scheduler import Batch
 from engine.sequence import Sequence
 from tests.engine.test_scheduler import check_invariants

@@ -12,9 +12,9 @@ import asyncio
 
 import pytest
 
+from cache.api.sampling import SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.engine import LLMEngine
-from engine.sampling import SamplingParams
 from engine.sequence import FinishReason, Sequence
 
 pytestmark = pytest.mark.slow

@@ -24,12 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from cache.api.sampling import SamplingParams
 from engine.kv.page_pool import PagePool
 from engine.model_runner import ModelRunner, allocate_kv
 from engine.models.config import ModelConfig
 from engine.models.cpu_linear import packing_available
 from engine.models.llama import LlamaForCausalLM
-from engine.sampling import SamplingParams
 from engine.scheduler import Batch, ScheduledChunk
 from engine.sequence import Sequence
 from engine.weights import Checkpoint, load_checkpoint
@@ -197,7 +197,7 @@ def smollm2_pair(smollm2_checkpoint: Checkpoint):
 
 @pytest.fixture(scope="module")
 def smollm2_prompts(smollm2_checkpoint: Checkpoint) -> tuple[list[int], list[int]]:
-    from engine.tokenizer import Tokenizer
+    from cache.prompt.tokenizer import Tokenizer
 
     tok = Tokenizer.from_source(smollm2_checkpoint.tokenizer_source)
     text = (

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling import Sampler, SamplingParams
+from cache.api.sampling import SamplingParams
+from engine.sampling import Sampler
 
 PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
 LOGITS = PROBS.log()

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from cache.api.sampling import SamplingParams
 from engine.kv.page_pool import PagePool
 from engine.kv.prefix_cache import Node, PrefixCache
-from engine.sampling import SamplingParams
 from engine.scheduler import Batch, Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence, Status
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from cache.prompt.model_files import default_model_path
 from engine.models.config import ModelConfig
-from engine.weights import Checkpoint, WeightLoadError, default_model_path, load_checkpoint
+from engine.weights import Checkpoint, WeightLoadError, load_checkpoint
 from engine.weights.gguf import unpermute_rotary_rows
 
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from cache.radix_index import IndexStats
-from cache.store import LocalIndexStore
+from cache.index.radix_index import IndexStats
+from cache.index.store import LocalIndexStore
 from gateway.dashboard import (
     STALE_AFTER_S,
     Dashboard,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from cache.radix_index import MatchResult
+from cache.index.radix_index import MatchResult
 from gateway.config import RoutingConfig
 from gateway.policies import CacheAware, LeastLoad, PowerOfTwo, RoundRobin, RouteRequest, Session, make_policy
 from gateway.workers import Worker

@@ -6,7 +6,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from cache.hashing import HASH_SCHEME
+from cache.wire.hashing import HASH_SCHEME
 from gateway.workers import WorkerPool
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.tokenizer import Tokenizer
+from cache.prompt.tokenizer import Tokenizer
 from loadgen.cli import load_tokenizer
 from loadgen.workloads import WordVocabulary
 

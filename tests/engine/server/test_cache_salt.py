@@ -10,7 +10,7 @@ import uuid
 import pytest
 from openai import OpenAI
 
-from cache.hashing import block_hashes, namespace_seed
+from cache.wire.hashing import block_hashes, namespace_seed
 from engine.server.protocol import chat_prompt_ids
 from tests.engine.server.conftest import EngineServer
 

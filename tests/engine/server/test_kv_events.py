@@ -9,8 +9,8 @@ import aiohttp
 import zmq
 import zmq.asyncio
 
-from cache.events import AllBlocksCleared, BlockRemoved, BlockStored, decode_event_batch
-from cache.hashing import prompt_block_hashes
+from cache.wire.events import AllBlocksCleared, BlockRemoved, BlockStored, decode_event_batch
+from cache.wire.hashing import prompt_block_hashes
 from tests.engine.server.conftest import EngineServer
 
 
@@ -89,7 +89,7 @@ async def test_subscriber_mirrors_the_prefix_cache(engine_server: EngineServer) 
             prompts.append(tok.encode(tok.apply_chat_template(messages), add_special_tokens=False))
         truth = await mirror.converge(engine_server)
         assert mirror.blocks == truth and truth
-        for prompt in prompts:  # every full page of each prompt is named as cache.hashing names it
+        for prompt in prompts:  # every full page of each prompt is named as cache.wire.hashing names it
             assert set(prompt_block_hashes(prompt, engine_server.model_id)) <= mirror.blocks
 
         # distinct long prompts overflow the 64-page pool: LRU eviction publishes BlockRemoved

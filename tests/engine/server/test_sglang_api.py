@@ -7,7 +7,7 @@ import json
 
 import aiohttp
 
-from cache.hashing import HASH_SCHEME
+from cache.wire.hashing import HASH_SCHEME
 from tests.engine.server.conftest import EngineServer
 
 

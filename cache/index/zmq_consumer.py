@@ -1,7 +1,7 @@
 """Consume one worker's KV events from its ZMQ PUB socket (vLLM / SGLang / prefixgate engine) into index ops.
 
 Wire format (vLLM's ZmqEventPublisher): multipart ``[topic, seq, payload]`` where ``seq`` is an 8-byte
-big-endian counter starting at 0 and ``payload`` a msgpack EventBatch (see ``cache.events``).
+big-endian counter starting at 0 and ``payload`` a msgpack EventBatch (see ``cache.wire.events``).
 
 Sequence tracking, per worker feed:
 * ``seq == last + 1``: in order, apply.
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
-from cache.events import EventDecodeError, decode_event_batch
-from cache.ops import ClearedOp, IndexOp, ops_from_event
+from cache.index.ops import ClearedOp, IndexOp, ops_from_event
+from cache.wire.events import EventDecodeError, decode_event_batch
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.tokenizer import Tokenizer
+from cache.prompt.tokenizer import Tokenizer
 
 
 class InvalidMessages(ValueError):

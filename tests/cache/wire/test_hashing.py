@@ -4,7 +4,7 @@ import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cache.hashing import block_hashes, namespace_seed, prompt_block_hashes
+from cache.wire.hashing import block_hashes, namespace_seed, prompt_block_hashes
 
 token_lists = st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=200)
 

@@ -18,9 +18,9 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as BackendTokenizer
 
-from engine.weights.errors import WeightLoadError
-from engine.weights.gguf_meta import GGUFFile, open_gguf
-from engine.weights.gguf_tokenizer import backend_from_gguf
+from cache.prompt.gguf_meta import GGUFFile, open_gguf
+from cache.prompt.gguf_vocab import backend_from_gguf
+from cache.prompt.model_files import WeightLoadError
 
 
 def _token_content(value: Any) -> str | None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.server.errors import ApiError
+from cache.api.errors import ApiError
 
 
 async def open_stream(request: web.Request) -> web.StreamResponse:

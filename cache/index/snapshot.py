@@ -11,7 +11,7 @@ Format (msgpack map, version 2)::
 
 Blocks are columns of packed ints rather than one msgpack array per block, and holders are stored once per
 distinct value (a few hundred at a million blocks): a snapshot is written on a replica's event loop, so its
-cost is a routing stall. Block hashes are u64, as ``cache.hashing`` and ``cache.events`` produce them.
+cost is a routing stall. Block hashes are u64, as ``cache.wire.hashing`` and ``cache.wire.events`` produce them.
 
 Version 1 carried ``[hash, parent, device, host]`` per block, for an explicit tree the index no longer
 keeps. Loading into a fresh index reproduces match results exactly; LRU order is kept.
@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from cache.radix_index import RadixIndex, RadixIndexConfig, _bits
+from cache.index.radix_index import RadixIndex, RadixIndexConfig, _bits
 
 SNAPSHOT_VERSION = 2
 

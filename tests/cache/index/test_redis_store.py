@@ -5,10 +5,16 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from cache.ops import ApproxOp, ClearedOp, StoredOp
-from cache.radix_index import MatchResult
-from cache.redis_store import RedisIndexStore, RedisStoreConfig
-from tests.cache.redis_util import SHARED_URL, delete_prefix, free_port, shared_redis_available, unique_prefix
+from cache.index.ops import ApproxOp, ClearedOp, StoredOp
+from cache.index.radix_index import MatchResult
+from cache.index.redis_store import RedisIndexStore, RedisStoreConfig
+from tests.cache.index.redis_util import (
+    SHARED_URL,
+    delete_prefix,
+    free_port,
+    shared_redis_available,
+    unique_prefix,
+)
 
 pytestmark = pytest.mark.skipif(not shared_redis_available(), reason="no Redis at 127.0.0.1:6379")
 

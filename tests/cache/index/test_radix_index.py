@@ -4,10 +4,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from cache.radix_index import MatchResult, RadixIndex, RadixIndexConfig
-from cache.snapshot import dump_index, load_index
-from cache.tiers import Tier
-from tests.cache.index_model import BruteForceIndex, check_invariants
+from cache.index.radix_index import MatchResult, RadixIndex, RadixIndexConfig
+from cache.index.snapshot import dump_index, load_index
+from cache.wire.tiers import Tier
+from tests.cache.index.index_model import BruteForceIndex, check_invariants
 
 
 class FakeClock:

@@ -3,8 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cache.events import AllBlocksCleared, BlockRemoved, BlockStored
-from cache.ops import (
+from cache.index.ops import (
     ApproxOp,
     ClearedOp,
     RemovedOp,
@@ -15,10 +14,11 @@ from cache.ops import (
     encode_op,
     ops_from_event,
 )
-from cache.radix_index import RadixIndex
-from cache.snapshot import dump_index, load_index
-from cache.tiers import Tier
-from tests.cache.index_model import check_invariants
+from cache.index.radix_index import RadixIndex
+from cache.index.snapshot import dump_index, load_index
+from cache.wire.events import AllBlocksCleared, BlockRemoved, BlockStored
+from cache.wire.tiers import Tier
+from tests.cache.index.index_model import check_invariants
 
 U64 = st.integers(min_value=0, max_value=2**64 - 1)
 ops = st.one_of(

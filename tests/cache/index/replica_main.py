@@ -1,6 +1,6 @@
 """A gateway replica in its own process, driven over stdin/stdout with JSON lines (for the Redis tests).
 
-Commands: {"cmd": "append", "ops": [hex of cache.ops encoding, ...]} | {"cmd": "caught_up"} |
+Commands: {"cmd": "append", "ops": [hex of cache.index.ops encoding, ...]} | {"cmd": "caught_up"} |
 {"cmd": "match", "queries": [[hash, ...], ...]} | {"cmd": "snapshot"} | {"cmd": "status"} | {"cmd": "exit"}.
 Every reply is one JSON line; an exception escaping anywhere is reported as {"error": ...} and fails the test.
 """
@@ -11,8 +11,8 @@ import asyncio
 import json
 import sys
 
-from cache.ops import decode_op
-from cache.redis_store import RedisIndexStore, RedisStoreConfig
+from cache.index.ops import decode_op
+from cache.index.redis_store import RedisIndexStore, RedisStoreConfig
 
 
 async def main(url: str, prefix: str) -> None:

@@ -1,6 +1,6 @@
 """RadixIndex: which worker holds which prefix of blocks, and in which tier.
 
-Representation: chained block hashes already encode their whole prefix (see ``cache.hashing``), so hash
+Representation: chained block hashes already encode their whole prefix (see ``cache.wire.hashing``), so hash
 ``h_i`` *is* the radix-tree node for blocks ``0..i`` and the tree needs no explicit edges: it is one flat
 ``OrderedDict[hash -> holders]``. ``holders`` is one int packing three bitmasks over small per-index worker
 slots (bit s = worker slot s; ``shift`` >= the number of slots), laid out for ``match``::
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import and_
 
-from cache.tiers import Tier
+from cache.wire.tiers import Tier
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Any, TypeAlias
 
 import msgpack
 
-from cache.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from cache.radix_index import RadixIndex
-from cache.tiers import Tier, tier_from_medium
+from cache.index.radix_index import RadixIndex
+from cache.wire.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from cache.wire.tiers import Tier, tier_from_medium
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,11 @@ import asyncio
 import zmq
 import zmq.asyncio
 
-from cache.events import (
+from cache.index.ops import ClearedOp, StoredOp
+from cache.index.radix_index import MatchResult
+from cache.index.store import LocalIndexStore
+from cache.index.zmq_consumer import KVEventConsumer, SequenceTracker, WorkerFeed
+from cache.wire.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -11,11 +15,7 @@ from cache.events import (
     encode_event_batch,
     encode_event_batch_map,
 )
-from cache.ops import ClearedOp, StoredOp
-from cache.radix_index import MatchResult
-from cache.store import LocalIndexStore
-from cache.tiers import Tier
-from cache.zmq_consumer import KVEventConsumer, SequenceTracker, WorkerFeed
+from cache.wire.tiers import Tier
 
 
 def stored(hashes: list[int], parent: int | None = None, medium: str | None = None) -> bytes:

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cache.events import (
+from cache.wire.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,

@@ -2,7 +2,7 @@
 
 The state is: the index log (every index mutation, applied to this replica's in-memory RadixIndex), the
 worker registry, session pins and dashboard counters. ``LocalIndexStore`` keeps all of it in this process
-(one gateway, the default); ``cache.redis_store.RedisIndexStore`` shares it between gateway replicas.
+(one gateway, the default); ``cache.index.redis_store.RedisIndexStore`` shares it between gateway replicas.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
-from cache.ops import IndexOp, WorkerGoneOp, apply_op
-from cache.radix_index import MatchResult, RadixIndex, RadixIndexConfig
+from cache.index.ops import IndexOp, WorkerGoneOp, apply_op
+from cache.index.radix_index import MatchResult, RadixIndex, RadixIndexConfig
 
 StoreStatus = Literal["healthy", "degraded"]
 

@@ -1,7 +1,7 @@
 """RedisIndexStore: gateway replicas share the index log, registry, session pins and counters in Redis.
 
 Keys (all under ``key_prefix``; the index's own keys also under ``index:v<hash format>.<snapshot format>:``,
-so replicas of versions that name blocks differently never share a log): ``log`` Stream of index ops (field ``op`` = ``cache.ops`` msgpack);
+so replicas of versions that name blocks differently never share a log): ``log`` Stream of index ops (field ``op`` = ``cache.index.ops`` msgpack);
 ``epoch`` token of the current Redis "generation"; ``snapshot`` msgpack ``{epoch, covered, index}`` where
 ``covered`` is the last stream id folded into the index; ``snapshot:covered``; ``log:trimmed`` (the MINID the
 log was last trimmed to); ``snapshot:lock``; ``workers`` hash; ``counters`` hash; ``pin:<session>``.
@@ -10,7 +10,7 @@ Protocol:
 * Every replica applies each op locally at once (``append``), queues it, and XADDs the queue in order;
   a tail task XREADs the log from the last applied id and applies everything, its own ops included.
   Ops are bit assignments, so the replay after the optimistic apply lands every replica on the state of
-  "the log in stream order" (see ``cache.ops``).
+  "the log in stream order" (see ``cache.index.ops``).
 * Snapshots: a replica that holds ``snapshot:lock`` writes its index with the id it covers, then trims the
   log to the *previous* snapshot's id, so a slightly lagging replica still finds its next entry. A replica
   whose last id is below ``log:trimmed``, or that starts fresh, loads the snapshot and tails from there.
@@ -38,11 +38,11 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from cache.hashing import FORMAT_VERSION
-from cache.ops import IndexOp, WorkerGoneOp, apply_op, decode_op, encode_op
-from cache.radix_index import RadixIndex, RadixIndexConfig
-from cache.snapshot import SNAPSHOT_VERSION, dump_index, load_index
-from cache.store import IndexStore, LocalState, StoreStatus
+from cache.index.ops import IndexOp, WorkerGoneOp, apply_op, decode_op, encode_op
+from cache.index.radix_index import RadixIndex, RadixIndexConfig
+from cache.index.snapshot import SNAPSHOT_VERSION, dump_index, load_index
+from cache.index.store import IndexStore, LocalState, StoreStatus
+from cache.wire.hashing import FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
 

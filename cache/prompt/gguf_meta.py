@@ -13,7 +13,7 @@ from typing import Any
 
 import gguf
 
-from engine.weights.errors import WeightLoadError
+from cache.prompt.model_files import WeightLoadError
 
 _MISSING: Any = object()
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from cache.ops import ApproxOp, ClearedOp, IndexOp, RemovedOp, StoredOp, encode_op
-from cache.redis_store import index_key_prefix
-from cache.tiers import Tier
-from tests.cache.index_model import BruteForceIndex
-from tests.cache.redis_util import (
+from cache.index.ops import ApproxOp, ClearedOp, IndexOp, RemovedOp, StoredOp, encode_op
+from cache.index.redis_store import index_key_prefix
+from cache.wire.tiers import Tier
+from tests.cache.index.index_model import BruteForceIndex
+from tests.cache.index.redis_util import (
     SHARED_URL,
     PrivateRedis,
     delete_prefix,
@@ -28,7 +28,7 @@ from tests.cache.redis_util import (
 )
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CHAINS = 6
 QUERIES = [[c * 1000 + i for i in range(24)] for c in range(CHAINS)] + [[c * 1000 for c in range(CHAINS)]]
 
@@ -37,7 +37,7 @@ class Replica:
     def __init__(self, url: str, prefix: str) -> None:
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.cache.replica_main", url, prefix],
+            [sys.executable, "-m", "tests.cache.index.replica_main", url, prefix],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
 
-from engine.tokenizer import Tokenizer
+from cache.prompt.tokenizer import Tokenizer
 from engine.weights import Checkpoint, WeightLoadError
 
 TEXTS = [
@@ -158,7 +158,7 @@ def test_missing_tokenizer_files_are_reported(tmp_path: Path) -> None:
 
 def test_import_is_torch_free() -> None:
     code = (
-        "import sys, engine.tokenizer, engine.weights, engine.weights.gguf_meta, engine.weights.gguf_tokenizer; "
+        "import sys, cache.prompt.tokenizer, engine.weights, cache.prompt.gguf_meta, cache.prompt.gguf_vocab; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[3])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from cache.radix_index import MatchResult, RadixIndex
-from cache.tiers import Tier
+from cache.index.radix_index import MatchResult, RadixIndex
+from cache.wire.tiers import Tier
 
 
 class BruteForceIndex:

@@ -1,6 +1,6 @@
-from cache.ops import StoredOp
-from cache.radix_index import MatchResult
-from cache.store import LocalIndexStore
+from cache.index.ops import StoredOp
+from cache.index.radix_index import MatchResult
+from cache.index.store import LocalIndexStore
 
 
 async def test_local_store_has_the_same_behaviour() -> None:

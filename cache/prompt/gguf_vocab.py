@@ -9,8 +9,8 @@ from __future__ import annotations
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as BackendTokenizer
 
-from engine.weights.errors import WeightLoadError
-from engine.weights.gguf_meta import GGUFFile
+from cache.prompt.gguf_meta import GGUFFile
+from cache.prompt.model_files import WeightLoadError
 
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4  # llama.cpp token types
 
