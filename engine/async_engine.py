@@ -1,8 +1,10 @@
 """Runs ``LLMEngine`` in a background thread and streams each request's tokens to asyncio callers.
 
 The step loop owns the engine: requests and aborts reach it through a thread-safe inbox and are
-applied between steps, so the scheduler and KV pool are only ever touched by one thread. Torch
-releases the GIL inside kernels, so the event loop stays responsive while a step runs.
+applied between steps, so the scheduler and KV pool are only ever touched by one thread. Everyone
+else reads ``info`` (immutable facts) and ``stats`` (an immutable snapshot the step loop replaces
+after every change). Torch releases the GIL inside kernels, so the event loop stays responsive while
+a step runs. This is the whole interface the HTTP server uses.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cache.api.sampling import SamplingParams
-from engine.engine import LLMEngine
+from engine.engine import EngineInfo, EngineStats, LLMEngine
 from engine.sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.info: EngineInfo = engine.info
+        self.stats: EngineStats = engine.stats()  # replaced (never mutated) by the step loop
         # ("add" | "abort", Sequence) or ("call", (function, future)): applied between steps
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -82,8 +86,9 @@ class AsyncEngine:
         request_id: str | None = None,
         cache_salt: str = "",
     ) -> AsyncIterator[GenerationChunk]:
-        """Stream a request's output. Raises ValueError for a request the engine cannot take
-        (before anything is queued); breaking out of the iteration aborts the request."""
+        """Stream a request's output; breaking out of the iteration aborts the request. The prompt
+        must respect ``info.limits`` (``cache.api.requests`` checks it). Raises ValueError for a
+        request id already running (before anything is queued)."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -142,6 +147,7 @@ class AsyncEngine:
         engine = self.engine
         while not self._stopping:
             self._apply_inbox()
+            self.stats = engine.stats()
             if not engine.scheduler.has_work():
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
@@ -154,6 +160,7 @@ class AsyncEngine:
                 continue
             self._publish([(s.request_id, self._update(s)) for s in updated])
         self._fail_all(EngineError("the engine is shutting down"))
+        self.stats = engine.stats()
 
     def _apply_inbox(self) -> None:
         while True:

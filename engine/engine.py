@@ -1,7 +1,8 @@
-"""The engine core: load a model, then schedule -> run -> postprocess, one step at a time.
+"""The engine core: schedule -> run -> postprocess, one step at a time, around a loaded model.
 
 ``LLMEngine`` is synchronous and single-threaded; ``engine.async_engine.AsyncEngine`` runs it in a
-background thread and streams results to asyncio callers.
+background thread and streams results to asyncio callers. Loading the model is ``engine.loader``'s
+job, so several engines can share one ``LoadedModel`` (each with its own KV pool and prefix cache).
 """
 
 from __future__ import annotations
@@ -9,48 +10,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
+from cache.api.requests import ServingLimits
 from cache.api.sampling import SamplingParams
-from cache.prompt.model_files import default_model_path
-from cache.prompt.tokenizer import Tokenizer
 from engine.config import EngineConfig
 from engine.kv.page_pool import PagePool
 from engine.kv.prefix_cache import BlockHasher, CacheListener, PrefixCache
+from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, allocate_kv, kv_bytes_per_token
-from engine.models.cpu_linear import packing_available
-from engine.models.llama import LlamaForCausalLM
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence
-from engine.weights import load_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: without them CPU bf16 matmuls convert through fp32 and run slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-                "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[name]  # fmt: skip
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def scheduler_config(config: EngineConfig) -> SchedulerConfig:
@@ -62,84 +33,93 @@ def scheduler_config(config: EngineConfig) -> SchedulerConfig:
 
 @dataclass(frozen=True)
 class EngineInfo:
-    """Facts discovered while loading, kept apart from the config."""
+    """Everything a server needs to know about a running engine; facts found while loading, not config."""
 
     model_id: str
     model_path: str
+    architecture: str  # "llama" | "qwen2"
     device: str
     dtype: str
+    vocab_size: int
     num_pages: int
     page_size: int
     max_model_len: int
+    max_running: int
+    max_batch_tokens: int
     eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+
+    @property
+    def limits(self) -> ServingLimits:
+        """What requests must respect to be served (checked by ``cache.api.requests.parse_request``)."""
+        return ServingLimits(self.vocab_size, self.max_model_len, engine_features=True)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, published by the thread that steps it (read from any thread)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    tokens_held: int = 0  # KV tokens in pages held by requests
+    pages_used: int = 0
+    pages_free: int = 0
+    pages_cached: int = 0  # owned by the prefix cache
+    pages_total: int = 0
 
 
 class LLMEngine:
     def __init__(
         self,
         config: EngineConfig,
+        loaded: LoadedModel | None = None,
         hasher: BlockHasher | None = None,
         namespace_hash: Callable[[str], int] | None = None,
         listener: CacheListener | None = None,
     ) -> None:
+        """``loaded``: a model loaded by ``engine.loader.load_model`` (loaded from ``config`` if None)."""
         self.config = config
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        path = Path(config.model) if config.model else default_model_path()
-        checkpoint = load_checkpoint(path)
-        self.tokenizer = Tokenizer.from_source(checkpoint.tokenizer_source)
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        model_cfg = checkpoint.config
-
-        with torch.device("meta"):
-            model = LlamaForCausalLM(model_cfg)
-        model = model.to_empty(device="cpu").float()
-        model.rotary.build()
-        model.load_weights(checkpoint.tensors())
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.model.rotary.build()  # keep the rotary tables in fp32 on the device
-        if config.cpu_packed_linears and packing_available(device, dtype):
-            self.model.pack_for_cpu()
-
+        loaded = loaded or load_model(config)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
         if config.kv_cache_tokens is not None:
             kv_tokens = config.kv_cache_tokens
         else:
-            kv_tokens = int(config.kv_cache_memory_gib * 2**30) // kv_bytes_per_token(self.model, dtype)
+            kv_tokens = int(config.kv_cache_memory_gib * 2**30) // kv_bytes_per_token(
+                self.model, loaded.dtype
+            )
         num_pages = kv_tokens // config.page_size
+        model_cfg = self.model.config
         max_model_len = min(
             config.max_model_len or model_cfg.max_position_embeddings, num_pages * config.page_size
         )
-        self.runner = ModelRunner(
-            self.model, allocate_kv(self.model, num_pages, config.page_size, dtype), config.page_size
-        )
+        kv = allocate_kv(self.model, num_pages, config.page_size, loaded.dtype)
+        self.runner = ModelRunner(self.model, kv, config.page_size)
         self.pool = PagePool(num_pages)
         self.cache = PrefixCache(self.pool, config.page_size, hasher, listener, namespace_hash)
-        self.scheduler = Scheduler(scheduler_config(config), self.pool, self.cache)
-        eos = tuple(sorted(set(model_cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
+        sched = scheduler_config(config)
+        self.scheduler = Scheduler(sched, self.pool, self.cache)
         self.info = EngineInfo(
-            model_id=config.model_id or path.name.removesuffix(".gguf"),
-            model_path=str(path),
-            device=str(device),
-            dtype=str(dtype).removeprefix("torch."),
+            model_id=loaded.model_id,
+            model_path=str(loaded.path),
+            architecture=model_cfg.architecture,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            vocab_size=model_cfg.vocab_size,
             num_pages=num_pages,
             page_size=config.page_size,
             max_model_len=max_model_len,
-            eos_token_ids=eos,
+            max_running=sched.max_running,
+            max_batch_tokens=config.max_batch_tokens,
+            eos_token_ids=loaded.eos_token_ids,
+            bos_token_id=self.tokenizer.bos_token_id,
         )
         log.info("engine ready: %s", self.info)
 
     def make_sequence(
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, cache_salt: str = ""
     ) -> Sequence:
-        if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.info.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.info.max_model_len} tokens"
-            )
-        if any(t < 0 or t >= self.model.config.vocab_size for t in prompt_ids):
-            raise ValueError(f"token ids must be in [0, {self.model.config.vocab_size})")
+        """A request as the scheduler sees it. The prompt must respect ``info.limits`` (callers check
+        it once, with ``cache.api.requests``): non-empty, shorter than the context, ids in the vocabulary."""
         return Sequence(
             request_id,
             list(prompt_ids),
@@ -167,6 +147,19 @@ class LLMEngine:
             if seq.finished:
                 self.runner.sampler.forget(seq.request_id)
         return updated
+
+    def stats(self) -> EngineStats:
+        """Current load; call it on the thread that steps the engine."""
+        sched, pool = self.scheduler, self.pool
+        return EngineStats(
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            tokens_held=sched.pages_held_by_requests * self.info.page_size,
+            pages_used=pool.num_used,
+            pages_free=pool.num_free,
+            pages_cached=self.cache.num_pages,
+            pages_total=pool.num_pages,
+        )
 
     def flush_cache(self) -> bool:
         """Drop all cached prefixes; refused (False) while requests are running."""

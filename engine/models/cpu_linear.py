@@ -36,8 +36,12 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module) -> int:
     """Swap every ``nn.Linear`` of ``model`` for a ``PackedLinear``; returns how many."""
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if isinstance(child, nn.Linear)]  # fmt: skip
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child.weight, child.bias))
     return len(swaps)

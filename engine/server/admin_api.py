@@ -13,9 +13,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from cache.api.errors import bad_request
+from cache.api.requests import get_bool, get_token_ids, read_json
 from cache.api.sampling import SamplingParams
 from cache.wire.hashing import HASH_SCHEME
-from engine.server.protocol import get_bool, get_token_ids, read_json
 from engine.server.state import STATE, ServerState
 
 VERSION = "prefixgate-0.1.0"
@@ -49,12 +49,12 @@ async def health_generate(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not state.ready or state.draining:
         return web.Response(status=503)
-    if state.async_engine.num_requests:
+    if state.engine.num_requests:
         return web.Response(status=200)
-    prompt = [state.tokenizer.bos_token_id or 0]
+    prompt = [state.info.bos_token_id or 0]
 
     async def one_token() -> None:
-        stream = state.async_engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0))
+        stream = state.engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0))
         async for chunk in stream:
             if chunk.finished:
                 break
@@ -68,37 +68,61 @@ async def health_generate(request: web.Request) -> web.Response:
 
 
 def load(state: ServerState) -> dict[str, Any]:
-    scheduler, page_size = state.engine.scheduler, state.engine.info.page_size
-    running, waiting = len(scheduler.running), len(scheduler.waiting)
-    return {"dp_rank": 0, "num_reqs": running + waiting, "num_running_reqs": running,
-            "num_waiting_reqs": waiting, "num_tokens": scheduler.pages_held_by_requests * page_size,
-            "num_used_pages": state.engine.pool.num_used, "num_cached_pages": state.engine.cache.num_pages}  # fmt: skip
+    stats = state.engine.stats
+    return {
+        "dp_rank": 0,
+        "num_reqs": stats.num_running + stats.num_waiting,
+        "num_running_reqs": stats.num_running,
+        "num_waiting_reqs": stats.num_waiting,
+        "num_tokens": stats.tokens_held,
+        "num_used_pages": stats.pages_used,
+        "num_cached_pages": stats.pages_cached,
+    }
 
 
 async def server_info(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    info, config, settings = state.engine.info, state.engine.config, state.settings
-    return web.json_response({
-        "model_path": info.model_path, "served_model_name": info.model_id, "model_id": info.model_id,
-        "tokenizer_path": info.model_path, "host": settings.host, "port": settings.port,
-        "context_length": info.max_model_len, "page_size": info.page_size,
-        "max_total_tokens": info.num_pages * info.page_size, "max_running_requests": config.max_running,
-        "chunked_prefill_size": config.max_batch_tokens, "max_prefill_tokens": config.max_batch_tokens,
-        "device": info.device, "dtype": info.dtype, "dp_size": 1, "tp_size": 1,
-        "kv_events_endpoint": settings.kv_events_endpoint, "kv_block_hash": HASH_SCHEME,
-        "internal_states": [load(state)], "version": VERSION,
-    })  # fmt: skip
+    info, settings = state.info, state.settings
+    return web.json_response(
+        {
+            "model_path": info.model_path,
+            "served_model_name": info.model_id,
+            "model_id": info.model_id,
+            "tokenizer_path": info.model_path,
+            "host": settings.host,
+            "port": settings.port,
+            "context_length": info.max_model_len,
+            "page_size": info.page_size,
+            "max_total_tokens": info.num_pages * info.page_size,
+            "max_running_requests": info.max_running,
+            "chunked_prefill_size": info.max_batch_tokens,
+            "max_prefill_tokens": info.max_batch_tokens,
+            "device": info.device,
+            "dtype": info.dtype,
+            "dp_size": 1,
+            "tp_size": 1,
+            "kv_events_endpoint": settings.kv_events_endpoint,
+            "kv_block_hash": HASH_SCHEME,
+            "internal_states": [load(state)],
+            "version": VERSION,
+        }
+    )
 
 
 async def model_info(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    info = state.engine.info
-    arch = state.engine.model.config.architecture
-    return web.json_response({
-        "model_path": info.model_path, "tokenizer_path": info.model_path, "is_generation": True,
-        "preferred_sampling_params": None, "weight_version": "default", "model_type": arch,
-        "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(arch, arch)],
-    })  # fmt: skip
+    info = request.app[STATE].info
+    arch = info.architecture
+    return web.json_response(
+        {
+            "model_path": info.model_path,
+            "tokenizer_path": info.model_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+            "model_type": arch,
+            "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(arch, arch)],
+        }
+    )
 
 
 async def get_load(request: web.Request) -> web.Response:
@@ -109,7 +133,7 @@ async def flush_cache(request: web.Request) -> web.Response:
     """Refused (400) while requests run, as SGLang does; the prefix cache then reports AllBlocksCleared."""
     state = request.app[STATE]
     # Runs on the engine thread between steps, so it never races a step or a pending abort.
-    ok = not state.tracker and not state.async_engine.num_requests and await state.async_engine.flush_cache()
+    ok = not state.tracker and not state.engine.num_requests and await state.engine.flush_cache()
     message = "Cache flushed.\n" if ok else "Cache not flushed: requests are running. Retry when idle.\n"
     return web.Response(text=message, status=200 if ok else 400)
 
@@ -129,9 +153,7 @@ async def tokenize(request: web.Request) -> web.Response:
         count = [len(t) for t in tokens]
     else:
         raise bad_request("'prompt' must be a string or a non-empty list of strings", "prompt")
-    return web.json_response(
-        {"tokens": tokens, "count": count, "max_model_len": state.engine.info.max_model_len}
-    )
+    return web.json_response({"tokens": tokens, "count": count, "max_model_len": state.info.max_model_len})
 
 
 async def detokenize(request: web.Request) -> web.Response:
@@ -142,8 +164,9 @@ async def detokenize(request: web.Request) -> web.Response:
     skip = get_bool(body, "skip_special_tokens", True)
     batched = isinstance(tokens, list) and bool(tokens) and isinstance(tokens[0], list)
     seqs = [get_token_ids(t, "tokens") for t in tokens] if batched else [get_token_ids(tokens, "tokens")]
-    if any(t < 0 or t >= state.vocab_size for s in seqs for t in s):
-        raise bad_request(f"token ids must be in [0, {state.vocab_size})", "tokens")
+    vocab_size = state.info.vocab_size
+    if any(t < 0 or t >= vocab_size for s in seqs for t in s):
+        raise bad_request(f"token ids must be in [0, {vocab_size})", "tokens")
     texts = [state.tokenizer.decode(s, skip_special_tokens=skip) for s in seqs]
     return web.json_response({"text": texts if batched else texts[0]})
 

@@ -54,8 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length cap")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
-                        help="how long in-flight requests may run after SIGTERM")  # fmt: skip
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long in-flight requests may run after SIGTERM",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

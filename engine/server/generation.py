@@ -12,54 +12,15 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 from cache.api.errors import ApiError, bad_request
+from cache.api.requests import GenerationRequest
 from engine.async_engine import EngineError, GenerationChunk
-from engine.server.protocol import GenerationRequest
-
-if TYPE_CHECKING:
-    from engine.server.app import ServerState
+from engine.server.state import ServerState
 
 
 def new_request_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
-
-
-class RequestTracker:
-    """Running requests by id -> the task serving each, so they can be aborted by id or all at once."""
-
-    def __init__(self) -> None:
-        self._tasks: dict[str, asyncio.Task] = {}
-        self._aborted: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def add(self, request_id: str) -> None:
-        if request_id in self._tasks:
-            raise bad_request(f"request id {request_id!r} is already running", "rid")
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks[request_id] = task
-
-    def remove(self, request_id: str) -> None:
-        self._tasks.pop(request_id, None)
-        self._aborted.discard(request_id)
-
-    def abort(self, request_id: str) -> bool:
-        task = self._tasks.get(request_id)
-        if task is None or request_id in self._aborted:
-            return False
-        self._aborted.add(request_id)
-        task.cancel(msg=f"request {request_id} aborted")
-        return True
-
-    def abort_all(self) -> int:
-        return sum(self.abort(request_id) for request_id in list(self._tasks))
-
-    def was_aborted(self, request_id: str) -> bool:
-        return request_id in self._aborted
 
 
 async def generate_chunks(
@@ -74,7 +35,7 @@ async def generate_chunks(
     final: GenerationChunk | None = None
     cancelled = False
     try:
-        stream = state.async_engine.generate(req.prompt_ids, req.sampling, request_id, req.cache_salt)
+        stream = state.engine.generate(req.prompt_ids, req.sampling, request_id, req.cache_salt)
         try:
             async for chunk in stream:
                 now = time.perf_counter()
@@ -99,7 +60,7 @@ async def generate_chunks(
         finally:
             await stream.aclose()
     except ValueError as exc:  # the engine refused the request before queueing it
-        raise bad_request(str(exc), "prompt") from None
+        raise bad_request(str(exc), req.prompt_param) from None
     except EngineError as exc:
         raise ApiError(503 if state.draining else 500, str(exc), code="engine_error") from None
     finally:

@@ -15,20 +15,10 @@ from typing import Any
 from aiohttp import web
 
 from cache.api import sse
-from cache.api.errors import ApiError, bad_request
+from cache.api.errors import ApiError
+from cache.api.requests import GenerationRequest, Kind, parse_request, read_json
 from engine.async_engine import GenerationChunk
 from engine.server.generation import generate_chunks, new_request_id
-from engine.server.protocol import (
-    GenerationRequest,
-    chat_prompt_ids,
-    check_prompt,
-    completion_prompt_ids,
-    get_bool,
-    get_cache_salt,
-    read_json,
-    reject_unsupported,
-    sampling_from_openai,
-)
 from engine.server.state import STATE, ServerState
 
 
@@ -40,9 +30,20 @@ def add_routes(app: web.Application) -> None:
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
-    info = state.engine.info
-    return {"id": info.model_id, "object": "model", "created": int(state.started), "owned_by": "prefixgate",
-            "root": info.model_id, "max_model_len": info.max_model_len}  # fmt: skip
+    info = state.info
+    return {
+        "id": info.model_id,
+        "object": "model",
+        "created": int(state.started),
+        "owned_by": "prefixgate",
+        "root": info.model_id,
+        "max_model_len": info.max_model_len,
+    }
+
+
+def _no_such_model(model: str, served: str) -> ApiError:
+    message = f"The model '{model}' does not exist; this engine serves '{served}'"
+    return ApiError(404, message, param="model", code="model_not_found")
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -51,42 +52,26 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def retrieve_model(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if request.match_info["model"] != state.engine.info.model_id:
-        raise ApiError(404, f"The model '{request.match_info['model']}' does not exist", param="model",
-                       code="model_not_found")  # fmt: skip
+    if request.match_info["model"] != state.info.model_id:
+        raise _no_such_model(request.match_info["model"], state.info.model_id)
     return web.json_response(_model_card(state))
 
 
-def _parse(state: ServerState, body: dict, chat: bool) -> GenerationRequest:
+def parse(state: ServerState, body: dict[str, Any], kind: Kind) -> GenerationRequest:
+    """The shared request contract, checked against this engine's limits and model name."""
     model = body.get("model")
-    if model is not None and model != state.engine.info.model_id:
-        raise ApiError(404, f"The model '{model}' does not exist; this engine serves "
-                       f"'{state.engine.info.model_id}'", param="model", code="model_not_found")  # fmt: skip
-    reject_unsupported(body, logprob_fields=("logprobs", "top_logprobs") if chat else ("logprobs", "echo"))
-    if chat:
-        prompt_ids, param = chat_prompt_ids(state.tokenizer, body.get("messages")), "messages"
-    else:
-        if "prompt" not in body:
-            raise bad_request("'prompt' is required", "prompt")
-        prompt_ids, param = completion_prompt_ids(state.tokenizer, body["prompt"]), "prompt"
-    info = state.engine.info
-    check_prompt(prompt_ids, info.max_model_len, state.vocab_size, param)
-    stream = get_bool(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise bad_request("'stream_options' must be an object", "stream_options")
-    include_usage = stream and get_bool(options or {}, "include_usage")
-    try:
-        sampling = sampling_from_openai(body)
-    except ValueError as exc:
-        raise bad_request(str(exc)) from None
-    return GenerationRequest(prompt_ids, sampling, stream, include_usage, get_cache_salt(body))
+    if isinstance(model, str) and model != state.info.model_id:
+        raise _no_such_model(model, state.info.model_id)
+    return parse_request(kind, body, state.tokenizer, state.info.limits)
 
 
 def _usage(chunk: GenerationChunk) -> dict[str, Any]:
-    return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
-            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": chunk.cached_tokens}}  # fmt: skip
+    return {
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": chunk.cached_tokens},
+    }
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -99,10 +84,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
-    req = _parse(state, await read_json(request), chat)
+    req = parse(state, await read_json(request), "chat" if chat else "completions")
     request_id = new_request_id("chatcmpl-" if chat else "cmpl-")
-    head = {"id": request_id, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": state.engine.info.model_id}  # fmt: skip
+    head = {
+        "id": request_id,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": state.info.model_id,
+    }
     endpoint = "chat" if chat else "completions"
     async with aclosing(generate_chunks(state, request_id, req, endpoint)) as chunks:
         first = await anext(chunks)  # errors before the first token are plain HTTP errors

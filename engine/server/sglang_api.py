@@ -17,18 +17,9 @@ from aiohttp import web
 
 from cache.api import sse
 from cache.api.errors import ApiError, bad_request
+from cache.api.requests import GenerationRequest, get_bool, parse_request, read_json
 from engine.async_engine import GenerationChunk
 from engine.server.generation import generate_chunks, new_request_id
-from engine.server.protocol import (
-    GenerationRequest,
-    check_prompt,
-    completion_prompt_ids,
-    get_bool,
-    get_cache_salt,
-    get_token_ids,
-    read_json,
-    sampling_from_sglang,
-)
 from engine.server.state import STATE, ServerState
 
 
@@ -38,35 +29,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/abort_request", abort_request)
 
 
-def _parse(state: ServerState, body: dict) -> tuple[str, GenerationRequest]:
-    text, input_ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (input_ids is None):
-        raise bad_request("give exactly one of 'text' and 'input_ids'", "text")
-    if isinstance(text, list) or (
-        isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)
-    ):
-        raise bad_request("batched /generate is not supported; send one request per prompt", "text")
-    if text is not None:
-        prompt_ids, param = completion_prompt_ids(state.tokenizer, text, "text"), "text"
-    else:
-        prompt_ids, param = get_token_ids(input_ids, "input_ids"), "input_ids"
-    check_prompt(prompt_ids, state.engine.info.max_model_len, state.vocab_size, param)
-    for name in ("return_logprob", "return_hidden_states"):
-        if get_bool(body, name):
-            raise bad_request(f"'{name}' is not supported by this engine", name)
-    rid = body.get("rid")
-    if rid is not None and not isinstance(rid, str):
-        raise bad_request("'rid' must be a string", "rid")
-    try:
-        sampling = sampling_from_sglang(body.get("sampling_params"))
-    except ValueError as exc:
-        raise bad_request(str(exc), "sampling_params") from None
-    request = GenerationRequest(
-        prompt_ids, sampling, get_bool(body, "stream"), cache_salt=get_cache_salt(body)
-    )
-    return rid or new_request_id(""), request
-
-
 def _finish_reason(state: ServerState, req: GenerationRequest, chunk: GenerationChunk, ids: list[int]) -> Any:
     if not chunk.finished:
         return None
@@ -74,22 +36,36 @@ def _finish_reason(state: ServerState, req: GenerationRequest, chunk: Generation
         return {"type": "length", "length": chunk.completion_tokens}
     if chunk.finish_reason == "abort":
         return {"type": "abort", "message": "request aborted"}
-    stop_ids = set(state.engine.info.eos_token_ids) | set(req.sampling.stop_token_ids)
+    stop_ids = set(state.info.eos_token_ids) | set(req.sampling.stop_token_ids)
     matched = ids[-1] if ids and ids[-1] in stop_ids and not req.sampling.ignore_eos else None
     return {"type": "stop", "matched": matched}
 
 
-def _output(state, rid, req, chunk, text: str, ids: list[int], start: float) -> dict[str, Any]:
-    meta = {"id": rid, "finish_reason": _finish_reason(state, req, chunk, ids),
-            "prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
-            "cached_tokens": chunk.cached_tokens, "e2e_latency": time.perf_counter() - start}  # fmt: skip
+def _output(
+    state: ServerState,
+    rid: str,
+    req: GenerationRequest,
+    chunk: GenerationChunk,
+    text: str,
+    ids: list[int],
+    start: float,
+) -> dict[str, Any]:
+    meta = {
+        "id": rid,
+        "finish_reason": _finish_reason(state, req, chunk, ids),
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "cached_tokens": chunk.cached_tokens,
+        "e2e_latency": time.perf_counter() - start,
+    }
     return {"text": text, "output_ids": list(ids), "meta_info": meta}
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     start = time.perf_counter()
-    rid, req = _parse(state, await read_json(request))
+    req = parse_request("generate", await read_json(request), state.tokenizer, state.info.limits)
+    rid = req.rid or new_request_id("")
     async with aclosing(generate_chunks(state, rid, req, "generate")) as chunks:
         chunk = await anext(chunks)  # errors before the first token are plain HTTP errors
         text, ids = chunk.text, list(chunk.token_ids)

@@ -1,4 +1,8 @@
-"""What the handlers share: the engine, its async driver, settings, metrics and running requests."""
+"""What the handlers share: the engine's async driver, settings, metrics and running requests.
+
+The server sees the engine only through ``AsyncEngine``: its ``info`` (immutable facts: model,
+vocabulary, context, page size, limits), its ``stats`` snapshot and its request stream API.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,10 @@ from aiohttp import web
 
 from cache.prompt.tokenizer import Tokenizer
 from engine.async_engine import AsyncEngine
-from engine.engine import LLMEngine
-from engine.server.generation import RequestTracker
+from engine.engine import EngineInfo
 from engine.server.kv_events import KVEventPublisher
 from engine.server.metrics import ServerMetrics
+from engine.server.tracker import RequestTracker
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,7 @@ class ServerSettings:
 
 @dataclass
 class ServerState:
-    engine: LLMEngine
-    async_engine: AsyncEngine
+    engine: AsyncEngine
     settings: ServerSettings
     metrics: ServerMetrics
     publisher: KVEventPublisher | None = None
@@ -37,12 +40,12 @@ class ServerState:
     draining: bool = False  # shutting down: new requests get 503
 
     @property
-    def tokenizer(self) -> Tokenizer:
-        return self.engine.tokenizer
+    def info(self) -> EngineInfo:
+        return self.engine.info
 
     @property
-    def vocab_size(self) -> int:
-        return self.engine.model.config.vocab_size
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
 
 
 STATE = web.AppKey("prefixgate_engine_state", ServerState)

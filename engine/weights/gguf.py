@@ -23,12 +23,23 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 # llama.cpp only uses for activations, have no meaning as weights here.
 SUPPORTED_TYPES = frozenset(
     {
-        QType.F32, QType.F16, QType.BF16,
-        QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-        QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
-        QType.IQ4_NL, QType.IQ4_XS,
+        QType.F32,
+        QType.F16,
+        QType.BF16,
+        QType.Q4_0,
+        QType.Q4_1,
+        QType.Q5_0,
+        QType.Q5_1,
+        QType.Q8_0,
+        QType.Q2_K,
+        QType.Q3_K,
+        QType.Q4_K,
+        QType.Q5_K,
+        QType.Q6_K,
+        QType.IQ4_NL,
+        QType.IQ4_XS,
     }
-)  # fmt: skip
+)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",

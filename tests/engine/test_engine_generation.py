@@ -12,6 +12,8 @@ import asyncio
 
 import pytest
 
+from cache.api.errors import ApiError
+from cache.api.requests import check_prompt
 from cache.api.sampling import SamplingParams
 from engine.async_engine import AsyncEngine
 from engine.engine import LLMEngine
@@ -174,8 +176,9 @@ def test_finish_reasons(smollm2_engine_factory, prompts, reference) -> None:
     short = smollm2_engine_factory(kv_cache_tokens=len(prompts[0]) + 4 + 16 - (len(prompts[0]) + 4) % 16)
     (s,) = run(short, [prompts[0]], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
     assert s.finish_reason is FinishReason.LENGTH and s.num_tokens == short.info.max_model_len
-    with pytest.raises(ValueError, match="context"):
-        short.make_sequence("too-long", [1] * short.info.max_model_len, GREEDY)
+    with pytest.raises(ApiError, match="context") as refused:  # the one check every server path runs
+        check_prompt([1] * short.info.max_model_len, short.info.limits, "prompt")
+    assert refused.value.code == "context_length_exceeded"
 
 
 def test_abort_of_a_running_request_frees_its_pages(smollm2_engine_factory, prompts) -> None:

@@ -125,10 +125,19 @@ def _save_tiny(tmp_path: Path, arch: str, tied: bool, shard: bool) -> dict[str, 
     import transformers
 
     kwargs = dict(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rope_theta=5000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -165,10 +174,16 @@ def test_tiny_hf_model_loads_exactly(tmp_path: Path, arch: str, tied: bool, shar
 
 
 _TO_GGUF = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}  # fmt: skip
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
 
 
 def _gguf_name(name: str) -> str:
@@ -185,8 +200,14 @@ def test_tiny_gguf_written_like_llama_cpp_loads_as_hf(tmp_path: Path, arch: str)
     """Convert a tiny HF model the way llama.cpp's converter does (names, q/k permute for llama only)."""
     state = _save_tiny(tmp_path, arch, tied=False, shard=False)
     writer = gguf.GGUFWriter(tmp_path / "tiny.gguf", arch)
-    meta = {"block_count": 2, "embedding_length": 32, "feed_forward_length": 64, "attention.head_count": 4,
-            "attention.head_count_kv": 2, "context_length": 128}  # fmt: skip
+    meta = {
+        "block_count": 2,
+        "embedding_length": 32,
+        "feed_forward_length": 64,
+        "attention.head_count": 4,
+        "attention.head_count_kv": 2,
+        "context_length": 128,
+    }
     for key, value in meta.items():
         writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(f"{arch}.rope.freq_base", 5000.0)

@@ -11,9 +11,19 @@ from loadgen import cli
 from tests.loadgen.sse_stub import Script, stub_server_in_thread
 
 SMALL_SHARED_PREFIX = [
-    "--workload", "shared-prefix", "--gsp-num-groups", "2", "--gsp-prompts-per-group", "3",
-    "--gsp-system-prompt-len", "64", "--gsp-question-len", "8", "--gsp-output-len", "3",
-]  # fmt: skip
+    "--workload",
+    "shared-prefix",
+    "--gsp-num-groups",
+    "2",
+    "--gsp-prompts-per-group",
+    "3",
+    "--gsp-system-prompt-len",
+    "64",
+    "--gsp-question-len",
+    "8",
+    "--gsp-output-len",
+    "3",
+]
 
 
 def test_compare_policies_writes_reports(tmp_path, tokenizer):
@@ -23,11 +33,26 @@ def test_compare_policies_writes_reports(tmp_path, tokenizer):
     ):
         code = loadgen_main.main(
             [
-                "--base-url", url, "--endpoint", "completions", *SMALL_SHARED_PREFIX,
-                "--compare-policies", "round_robin,cache_aware", "--admin-key", "sekret",
-                "--concurrency", "2", "--slo", "ttft:1000", "tpot:1000", "--output-dir", str(tmp_path), "--pause-between-runs", "0",
+                "--base-url",
+                url,
+                "--endpoint",
+                "completions",
+                *SMALL_SHARED_PREFIX,
+                "--compare-policies",
+                "round_robin,cache_aware",
+                "--admin-key",
+                "sekret",
+                "--concurrency",
+                "2",
+                "--slo",
+                "ttft:1000",
+                "tpot:1000",
+                "--output-dir",
+                str(tmp_path),
+                "--pause-between-runs",
+                "0",
             ]
-        )  # fmt: skip
+        )
     assert code == 0
     assert calls.policies == [("round_robin", "Bearer sekret"), ("cache_aware", "Bearer sekret")]
     assert calls.flushes == 2  # comparing: each run starts cold
@@ -35,9 +60,23 @@ def test_compare_policies_writes_reports(tmp_path, tokenizer):
     summary = orjson.loads((tmp_path / "summary.json").read_bytes())
     assert [run["label"] for run in summary["runs"]] == ["round_robin", "cache_aware"]
     first = summary["runs"][0]
-    for key in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
-                "request_throughput", "output_throughput", "input_throughput", "completed", "total_input_tokens",
-                "total_output_tokens", "cache_hit_rate", "goodput", "reusable_fraction"):  # fmt: skip
+    for key in (
+        "mean_ttft_ms",
+        "median_ttft_ms",
+        "p99_ttft_ms",
+        "mean_tpot_ms",
+        "p99_tpot_ms",
+        "mean_itl_ms",
+        "request_throughput",
+        "output_throughput",
+        "input_throughput",
+        "completed",
+        "total_input_tokens",
+        "total_output_tokens",
+        "cache_hit_rate",
+        "goodput",
+        "reusable_fraction",
+    ):
         assert first[key] is not None, key
     assert first["completed"] == 6 and first["goodput"] > 0
     # raw prompts of 64 + 1 + 8 tokens; 2 of 3 per group reuse 64 tokens (4 blocks of 16)

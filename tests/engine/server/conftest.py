@@ -41,7 +41,8 @@ class EngineServer:
 
     @property
     def engine(self) -> LLMEngine:
-        return self.state.engine
+        """The engine behind the server, for tests to inspect while it is idle (``wait_idle``)."""
+        return self.state.engine.engine
 
     @property
     def model_id(self) -> str:
@@ -50,7 +51,7 @@ class EngineServer:
     def is_idle(self) -> bool:
         return (
             not self.state.tracker
-            and not self.state.async_engine.num_requests
+            and not self.state.engine.num_requests
             and not self.engine.scheduler.has_work()
         )
 
@@ -95,11 +96,10 @@ class EngineServer:
 
 
 @pytest.fixture(scope="session")
-def engine_server(smollm2_gguf_path: Path) -> Iterator[EngineServer]:
+def engine_server(smollm2_gguf_path: Path, smollm2_model) -> Iterator[EngineServer]:
     settings = ServerSettings(port=0, kv_events_endpoint="tcp://127.0.0.1:*", shutdown_grace_s=5.0)
-    engine, publisher = load_engine(
-        EngineConfig(model=str(smollm2_gguf_path), kv_cache_tokens=KV_CACHE_TOKENS), settings
-    )
+    config = EngineConfig(model=str(smollm2_gguf_path), dtype="float32", kv_cache_tokens=KV_CACHE_TOKENS)
+    engine, publisher = load_engine(config, settings, smollm2_model)
     assert publisher is not None
     app = create_app(engine, settings, publisher)
     loop = asyncio.new_event_loop()

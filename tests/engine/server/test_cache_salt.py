@@ -10,15 +10,17 @@ import uuid
 import pytest
 from openai import OpenAI
 
+from cache.api.requests import chat_prompt_ids
 from cache.wire.hashing import block_hashes, namespace_seed
-from engine.server.protocol import chat_prompt_ids
 from tests.engine.server.conftest import EngineServer
 
 
 def test_salted_requests_share_prefixes_only_within_their_salt(engine_server: EngineServer) -> None:
     client = OpenAI(base_url=f"{engine_server.url}/v1", api_key="unused", max_retries=0)
-    messages = [{"role": "system", "content": f"Tenant notes {uuid.uuid4().hex}. " + "Be brief. " * 40},
-                {"role": "user", "content": "Hi"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": f"Tenant notes {uuid.uuid4().hex}. " + "Be brief. " * 40},
+        {"role": "user", "content": "Hi"},
+    ]
 
     def cached(salt: str) -> int:
         reply = client.chat.completions.create(

@@ -32,8 +32,20 @@ async def read_stream(resp: aiohttp.ClientResponse, first_event: asyncio.Event) 
 
 async def test_sigterm_finishes_short_requests_and_ends_long_ones_with_an_error(tmp_path: Path) -> None:
     port = free_port()
-    cmd = [sys.executable, "-m", "gateway.cli", "engine", "--port", str(port), "--kv-cache-tokens", "1024",
-           "--threads", "1", "--shutdown-grace", "3"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "engine",
+        "--port",
+        str(port),
+        "--kv-cache-tokens",
+        "1024",
+        "--threads",
+        "1",
+        "--shutdown-grace",
+        "3",
+    ]
     with open(tmp_path / "engine.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -40,7 +40,12 @@ CASES = {
     "prompt_batch": (COMPLETIONS, {"prompt": ["a", "b"]}, 400, "prompt"),
     "prompt_token_out_of_vocab": (COMPLETIONS, {"prompt": [1, 10**9]}, 400, "prompt"),
     "prompt_longer_than_context": (COMPLETIONS, {"prompt": [100] * (KV_CACHE_TOKENS + 50)}, 400, "prompt"),
-    "chat_longer_than_context": (CHAT, chat(messages=[{"role": "user", "content": "word " * 2000}]), 400, "messages"),
+    "chat_longer_than_context": (
+        CHAT,
+        chat(messages=[{"role": "user", "content": "word " * 2000}]),
+        400,
+        "messages",
+    ),
     "max_tokens_zero": (CHAT, chat(max_tokens=0), 400, "max_tokens"),
     "max_tokens_negative": (COMPLETIONS, {"prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
     "max_completion_tokens_zero": (CHAT, chat(max_completion_tokens=0), 400, "max_completion_tokens"),
@@ -69,13 +74,23 @@ CASES = {
     "generate_bad_input_ids": ("/generate", {"input_ids": ["a"]}, 400, "input_ids"),
     "generate_empty_input_ids": ("/generate", {"input_ids": []}, 400, "input_ids"),
     "generate_too_long": ("/generate", {"input_ids": [5] * KV_CACHE_TOKENS}, 400, "input_ids"),
-    "generate_max_new_tokens_zero": ("/generate", {"text": "a", "sampling_params": {"max_new_tokens": 0}}, 400, "max_new_tokens"),
-    "generate_sampling_params_wrong_type": ("/generate", {"text": "a", "sampling_params": [1]}, 400, "sampling_params"),
+    "generate_max_new_tokens_zero": (
+        "/generate",
+        {"text": "a", "sampling_params": {"max_new_tokens": 0}},
+        400,
+        "max_new_tokens",
+    ),
+    "generate_sampling_params_wrong_type": (
+        "/generate",
+        {"text": "a", "sampling_params": [1]},
+        400,
+        "sampling_params",
+    ),
     "generate_logprobs": ("/generate", {"text": "a", "return_logprob": True}, 400, "return_logprob"),
     "tokenize_wrong_type": ("/tokenize", {"prompt": 3}, 400, "prompt"),
     "detokenize_out_of_vocab": ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
     "abort_without_rid": ("/abort_request", {}, 400, "rid"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -114,8 +114,17 @@ async def test_metrics_count_tokens(engine_server: EngineServer) -> None:
         async with session.get(engine_server.url + "/metrics") as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
             text = await r.text()
-    for name in ("requests_total", "prompt_tokens_total", "cached_prompt_tokens_total", "generation_tokens_total",
-                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
-                 "num_running_requests", "num_waiting_requests", "kv_pages_used", "kv_pages_free"):  # fmt: skip
+    for name in (
+        "requests_total",
+        "prompt_tokens_total",
+        "cached_prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_bucket",
+        "inter_token_latency_seconds_bucket",
+        "num_running_requests",
+        "num_waiting_requests",
+        "kv_pages_used",
+        "kv_pages_free",
+    ):
         assert prefix + name in text
     assert registry.get_sample_value(prefix + "generation_tokens_total") == generated + 3

@@ -68,8 +68,12 @@ async def test_client_disconnect_while_waiting_for_a_whole_response(engine_serve
 
 
 async def test_abort_request_ends_a_generate_stream(engine_server: EngineServer) -> None:
-    body = {"text": "Tell me about the sea.", "rid": "abort-me", "stream": True,
-            "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}}  # fmt: skip
+    body = {
+        "text": "Tell me about the sea.",
+        "rid": "abort-me",
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 400, "ignore_eos": True},
+    }
     async with (
         aiohttp.ClientSession() as session,
         session.post(engine_server.url + "/generate", json=body) as resp,

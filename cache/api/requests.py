@@ -1,0 +1,289 @@
+"""Request bodies -> validated generation requests: the one parser the gateway and the engine share.
+
+``parse_request(kind, body, tokenizer, limits)`` turns an OpenAI chat or completions body, or an
+SGLang ``/generate`` body, into prompt token ids and sampling parameters. The gateway hashes the ids
+it returns and the engine computes them, so both tokenize alike by construction: there is no second
+path from a body to token ids. Every rejection is an ``ApiError`` (400) naming the field.
+
+Unknown fields are ignored, as OpenAI-compatible servers do. Known fields that the embedded engine
+cannot honour (n > 1, logprobs, penalties, tools) are rejected when ``limits.engine_features`` is set,
+rather than silently dropped; the gateway leaves them to whichever upstream it forwards to.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from aiohttp import web
+
+from cache.api.errors import ApiError, bad_request
+from cache.api.sampling import SamplingParams
+from cache.prompt import chat
+from cache.prompt.tokenizer import Tokenizer
+
+Kind = Literal["chat", "completions", "generate"]
+DEFAULT_MAX_TOKENS = 256  # OpenAI's default is "up to the context"; a bound keeps a bare request cheap
+SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What the serving side can take. The engine knows all of it; the gateway knows the vocabulary."""
+
+    vocab_size: int
+    max_model_len: int | None = None  # prompt tokens must stay below it; None: unchecked
+    engine_features: bool = False  # reject what the embedded engine does not implement
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What one API call asks for, whichever API it came through."""
+
+    kind: Kind
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stream: bool = False
+    include_usage: bool = False  # OpenAI ``stream_options.include_usage``
+    cache_salt: str = ""  # vLLM's field: requests share cached prefixes only with the same salt
+    model: str | None = None
+    rid: str | None = None  # SGLang's request id (``/generate``)
+    prompt_param: str = "prompt"  # the field errors about the prompt name
+
+
+def parse_request(
+    kind: Kind, body: dict[str, Any], tokenizer: Tokenizer, limits: ServingLimits
+) -> GenerationRequest:
+    """Validate ``body`` and tokenize its prompt exactly as the engine serves it."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str) and kind != "generate":
+        raise bad_request("'model' must be a string", "model")
+    stream = get_bool(body, "stream")
+    if kind == "generate":
+        prompt_ids, param = _generate_prompt_ids(tokenizer, body)
+        sampling = _sampling(sampling_from_sglang, body.get("sampling_params"))
+        include_usage = False
+        rid = body.get("rid")
+        if rid is not None and not isinstance(rid, str):
+            raise bad_request("'rid' must be a string", "rid")
+        if limits.engine_features:
+            for name in ("return_logprob", "return_hidden_states"):
+                if get_bool(body, name):
+                    raise bad_request(f"'{name}' is not supported by this engine", name)
+    else:
+        if limits.engine_features:
+            reject_unsupported(body, chat=kind == "chat")
+        if kind == "chat":
+            prompt_ids, param = chat_prompt_ids(tokenizer, body.get("messages")), "messages"
+        elif "prompt" not in body:
+            raise bad_request("'prompt' is required", "prompt")
+        else:
+            prompt_ids, param = completion_prompt_ids(tokenizer, body["prompt"]), "prompt"
+        sampling = _sampling(sampling_from_openai, body)
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise bad_request("'stream_options' must be an object", "stream_options")
+        include_usage = stream and get_bool(options or {}, "include_usage")
+        rid = None
+    check_prompt(prompt_ids, limits, param)
+    model = model if isinstance(model, str) else None
+    return GenerationRequest(
+        kind, prompt_ids, sampling, stream, include_usage, get_cache_salt(body), model, rid, param
+    )
+
+
+def _sampling(build: Any, source: Any) -> SamplingParams:
+    try:
+        return build(source)
+    except ValueError as exc:  # SamplingParams' own checks, should a field slip past the ones above
+        raise bad_request(str(exc)) from None
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object (aiohttp enforces ``client_max_size`` with a 413)."""
+    try:
+        body = json.loads(await request.read())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+# -- prompts --------------------------------------------------------------------------------------
+def chat_prompt_ids(tokenizer: Tokenizer, messages: Any) -> list[int]:
+    """The chat template rendered and tokenized (``cache.prompt.chat``), its errors as 400s."""
+    try:
+        return chat.chat_prompt_ids(tokenizer, messages)
+    except chat.InvalidMessages as exc:
+        raise bad_request(str(exc), "messages") from None
+
+
+def completion_prompt_ids(tokenizer: Tokenizer, prompt: Any, name: str = "prompt") -> list[int]:
+    """A string, a list of token ids, or a one-element list of either (batches are not supported)."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], str | list):
+        return get_token_ids(prompt, name)
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise bad_request(f"'{name}' holds several prompts; send one request per prompt", name)
+    raise bad_request(f"'{name}' must be a string or a list of token ids", name)
+
+
+def _generate_prompt_ids(tokenizer: Tokenizer, body: dict[str, Any]) -> tuple[list[int], str]:
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (input_ids is None):
+        raise bad_request("give exactly one of 'text' and 'input_ids'", "text")
+    if isinstance(text, list) or (
+        isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)
+    ):
+        raise bad_request("batched /generate is not supported; send one request per prompt", "text")
+    if text is not None:
+        return completion_prompt_ids(tokenizer, text, "text"), "text"
+    return get_token_ids(input_ids, "input_ids"), "input_ids"
+
+
+def check_prompt(prompt_ids: list[int], limits: ServingLimits, param: str) -> None:
+    if not prompt_ids:
+        raise bad_request("the prompt is empty", param)
+    if limits.max_model_len is not None and len(prompt_ids) >= limits.max_model_len:
+        raise ApiError(
+            400,
+            f"the prompt has {len(prompt_ids)} tokens; this model's context is {limits.max_model_len} tokens",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if min(prompt_ids) < 0 or max(prompt_ids) >= limits.vocab_size:
+        raise bad_request(f"token ids must be in [0, {limits.vocab_size})", param)
+
+
+# -- sampling -------------------------------------------------------------------------------------
+def sampling_from_openai(body: dict[str, Any]) -> SamplingParams:
+    max_tokens = get_int(body, "max_completion_tokens", None)
+    name = "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, name = get_int(body, "max_tokens", DEFAULT_MAX_TOKENS), "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request(f"'{name}' must be at least 1, got {max_tokens}", name)
+    return SamplingParams(
+        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=get_float(body, "temperature", 1.0, low=0.0, high=2.0),
+        top_p=get_float(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
+        top_k=_top_k(body),
+        seed=get_int(body, "seed"),
+        stop=get_stop(body),
+        stop_token_ids=tuple(get_token_ids(body.get("stop_token_ids") or [], "stop_token_ids")),
+        ignore_eos=get_bool(body, "ignore_eos"),
+    )
+
+
+def sampling_from_sglang(params: Any) -> SamplingParams:
+    """SGLang's ``sampling_params``: max_new_tokens (default 128), temperature, top_p, top_k, stop..."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise bad_request("'sampling_params' must be an object", "sampling_params")
+    max_new = get_int(params, "max_new_tokens", SGLANG_DEFAULT_MAX_NEW_TOKENS)
+    if max_new is None or max_new < 1:
+        raise bad_request(f"'max_new_tokens' must be at least 1, got {max_new}", "max_new_tokens")
+    seed = get_int(params, "sampling_seed", None)
+    return SamplingParams(
+        max_tokens=max_new,
+        temperature=get_float(params, "temperature", 1.0, low=0.0, high=100.0),
+        top_p=get_float(params, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
+        top_k=_top_k(params),
+        seed=get_int(params, "seed", seed),
+        stop=get_stop(params),
+        stop_token_ids=tuple(get_token_ids(params.get("stop_token_ids") or [], "stop_token_ids")),
+        ignore_eos=get_bool(params, "ignore_eos"),
+    )
+
+
+def reject_unsupported(body: dict[str, Any], *, chat: bool) -> None:
+    """n > 1, logprobs, penalties, best_of and tools are not implemented: say so instead of ignoring them."""
+    if get_int(body, "n", 1, minimum=1) != 1:
+        raise bad_request("only n=1 is supported", "n")
+    if get_int(body, "best_of", 1, minimum=1) != 1:
+        raise bad_request("only best_of=1 is supported", "best_of")
+    for name in ("logprobs", "top_logprobs") if chat else ("logprobs", "echo"):
+        if body.get(name) not in (None, False):
+            raise bad_request(f"'{name}' is not supported by this engine", name)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if get_float(body, name, 0.0, low=-2.0, high=2.0) != 0.0:
+            raise bad_request(f"'{name}' is not supported by this engine (only 0)", name)
+    if body.get("tools"):
+        raise bad_request("tool calling is not supported by this engine", "tools")
+
+
+def _top_k(body: dict[str, Any]) -> int:
+    top_k = get_int(body, "top_k", -1)
+    assert top_k is not None
+    if top_k == 0 or top_k < -1:
+        raise bad_request(f"'top_k' must be -1 (disabled) or >= 1, got {top_k}", "top_k")
+    return top_k
+
+
+# -- typed field access ---------------------------------------------------------------------------
+def get_cache_salt(body: dict[str, Any]) -> str:
+    salt = body.get("cache_salt")
+    if salt is None:
+        return ""
+    if not isinstance(salt, str) or not salt:
+        raise bad_request("'cache_salt' must be a non-empty string", "cache_salt")
+    return salt
+
+
+def get_int(
+    body: dict[str, Any], name: str, default: int | None = None, *, minimum: int | None = None
+) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"'{name}' must be an integer, got {json.dumps(value)[:40]}", name)
+    if minimum is not None and value < minimum:
+        raise bad_request(f"'{name}' must be at least {minimum}, got {value}", name)
+    return value
+
+
+def get_float(
+    body: dict[str, Any], name: str, default: float, *, low: float, high: float, open_low: bool = False
+) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise bad_request(f"'{name}' must be a number, got {json.dumps(value)[:40]}", name)
+    if value < low or value > high or (open_low and value == low):
+        interval = f"{'(' if open_low else '['}{low}, {high}]"
+        raise bad_request(f"'{name}' must be in {interval}, got {value}", name)
+    return float(value)
+
+
+def get_bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be a boolean, got {json.dumps(value)[:40]}", name)
+    return value
+
+
+def get_stop(body: dict[str, Any], name: str = "stop") -> tuple[str, ...]:
+    value = body.get(name)
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise bad_request(f"'{name}' must be a non-empty string or a list of non-empty strings", name)
+    return tuple(items)
+
+
+def get_token_ids(value: Any, name: str) -> list[int]:
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise bad_request(f"'{name}' must be a list of token ids (integers)", name)
+    return value
