@@ -14,7 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
+
+from cache.api.replies import (
+    DONE,
+    BadChunk,
+    Usage,
+    chunk_error,
+    chunk_text,
+    parse_chunk,
+    reply_usage,
+    sse_data,
+)
 
 MAX_ERROR_BODY_CHARS = 2000
 
@@ -105,25 +115,13 @@ class RequestRecord:
         }
 
 
-def _chunk_text(data: dict[str, Any]) -> str:
-    choices = data.get("choices") or []
-    if not choices:
-        return ""
-    choice = choices[0]
-    delta = choice.get("delta")
-    if delta is not None:  # chat.completion.chunk
-        return delta.get("content") or ""
-    return choice.get("text") or ""  # text_completion
-
-
-def _read_usage(record: RequestRecord, usage: dict[str, Any]) -> None:
-    if usage.get("completion_tokens") is not None:
-        record.usage_output_tokens = int(usage["completion_tokens"])
-    if usage.get("prompt_tokens") is not None:
-        record.prompt_tokens = int(usage["prompt_tokens"])
-    details = usage.get("prompt_tokens_details") or {}
-    if details.get("cached_tokens") is not None:
-        record.cached_tokens = int(details["cached_tokens"])
+def _read_usage(record: RequestRecord, usage: Usage) -> None:
+    if usage.completion_tokens is not None:
+        record.usage_output_tokens = usage.completion_tokens
+    if usage.prompt_tokens is not None:
+        record.prompt_tokens = usage.prompt_tokens
+    if usage.cached_tokens is not None:
+        record.cached_tokens = usage.cached_tokens
 
 
 async def stream_request(
@@ -153,32 +151,31 @@ async def stream_request(
                 return record
             async for line in response.content:
                 now = time.perf_counter() - start
-                line = line.strip()
-                if not line or not line.startswith(b"data:"):
+                payload = sse_data(line)
+                if payload is None:
                     continue  # blank separators, ": ping" comments, event:/id: fields
                 record.end_offset_s = now
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
+                if payload == DONE:
                     continue
-                data = orjson.loads(payload)
-                if "error" in data:
-                    record.error = (
-                        f"stream error: {orjson.dumps(data['error']).decode()[:MAX_ERROR_BODY_CHARS]}"
-                    )
+                data = parse_chunk(payload)
+                error = chunk_error(data)
+                if error is not None:
+                    record.error = f"stream error: {error[:MAX_ERROR_BODY_CHARS]}"
                     return record
-                text = _chunk_text(data)
+                text = chunk_text(data)
                 record.chunk_offsets_s.append(now)
                 record.chunk_has_content.append(bool(text))
                 if text:
                     text_parts.append(text)
-                if data.get("usage"):
-                    _read_usage(record, data["usage"])
+                usage = reply_usage(data)
+                if usage is not None:
+                    _read_usage(record, usage)
         record.generated_text = "".join(text_parts)
         if not any(record.chunk_has_content):
             record.error = "the stream ended without a chunk of non-empty content"
         else:
             record.success = True
-    except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError, BadChunk, UnicodeDecodeError) as exc:
         record.error = f"{type(exc).__name__}: {exc}"
         record.end_offset_s = time.perf_counter() - start
     return record

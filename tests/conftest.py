@@ -54,3 +54,11 @@ def smollm2_engine_factory(smollm2_gguf_path: Path, smollm2_model):
         return LLMEngine(config, smollm2_model)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf_path: Path):
+    """The real model's tokenizer and chat template (torch-free; parsing the GGUF takes ~2 s)."""
+    from cache.prompt.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(smollm2_gguf_path)

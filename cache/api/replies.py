@@ -1,0 +1,116 @@
+"""Replies, SSE chunks and usage, as OpenAI and SGLang servers send them: the one reader of answers.
+
+The gateway's proxy reads usage (``cached_tokens``) and text on the way through; the load generator
+reads the same fields to measure. Both use these functions, so "what a worker reported" means the same
+thing on both sides. Upstreams are not trusted: a field of the wrong type reads as absent, never raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+DONE = b"[DONE]"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts a worker reported; None where it did not say (or said something that is not a count)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache
+
+
+class BadChunk(ValueError):
+    """An SSE ``data:`` line whose payload is neither ``[DONE]`` nor a JSON object."""
+
+
+def sse_data(line: bytes) -> bytes | None:
+    """The payload of an SSE ``data:`` line, or None for blank separators, comments and other fields."""
+    line = line.strip()
+    if not line.startswith(b"data:"):
+        return None
+    return line[5:].strip()
+
+
+def parse_chunk(payload: bytes) -> dict[str, Any]:
+    """A ``data:`` payload (not ``[DONE]``) as a JSON object; raises ``BadChunk`` otherwise."""
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise BadChunk(f"not JSON: {exc}") from None
+    if not isinstance(chunk, dict):
+        raise BadChunk("not a JSON object")
+    return chunk
+
+
+def chunk_text(chunk: dict[str, Any]) -> str:
+    """The text a streamed chunk carries: chat ``delta.content``, completions ``text``, or SGLang
+    ``/generate``'s ``text`` (cumulative: the whole answer so far)."""
+    if "text" in chunk and "choices" not in chunk:
+        return _str(chunk.get("text"))
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return ""
+    parts = []
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        parts.append(_str(delta.get("content")) if isinstance(delta, dict) else _str(choice.get("text")))
+    return "".join(parts)
+
+
+def reply_text(reply: dict[str, Any]) -> str:
+    """The text of a whole (non-streamed) answer: chat, completions or SGLang ``/generate``."""
+    if "text" in reply and "choices" not in reply:
+        return _str(reply.get("text"))
+    choices = reply.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return ""
+    message = choices[0].get("message")
+    return _str(message.get("content")) if isinstance(message, dict) else _str(choices[0].get("text"))
+
+
+def chunk_error(chunk: dict[str, Any]) -> str | None:
+    """The message of an error event (``{"error": {...}}``) sent inside a stream, else None."""
+    error = chunk.get("error")
+    if error is None:
+        return None
+    message = error.get("message") if isinstance(error, dict) else error
+    return str(message or "error")
+
+
+def is_usage_only(chunk: dict[str, Any]) -> bool:
+    """OpenAI's final ``stream_options.include_usage`` chunk: usage and no choices."""
+    return bool(chunk.get("usage")) and not chunk.get("choices")
+
+
+def reply_usage(reply: dict[str, Any]) -> Usage | None:
+    """Usage of an answer or a chunk: OpenAI ``usage`` or SGLang ``meta_info``; None if it has none."""
+    usage = reply.get("usage")
+    if isinstance(usage, dict) and usage:
+        details = usage.get("prompt_tokens_details")
+        cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+        return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), cached)
+    meta = reply.get("meta_info")
+    if isinstance(meta, dict) and meta:
+        return Usage(
+            _count(meta.get("prompt_tokens")),
+            _count(meta.get("completion_tokens")),
+            _count(meta.get("cached_tokens")),
+        )
+    return None
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
