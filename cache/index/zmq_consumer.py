@@ -15,7 +15,6 @@ vLLM's replay ROUTER socket could fill gaps instead of purging; that is not impl
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -126,7 +125,3 @@ class KVEventConsumer:
         finally:
             socket.close(linger=0)
 
-
-async def consume_all(feeds: list[WorkerFeed], sink: OpSink) -> None:
-    """Run one consumer per worker feed until cancelled."""
-    await asyncio.gather(*(KVEventConsumer(feed, sink).run() for feed in feeds))

@@ -25,8 +25,6 @@ _MEDIUM_TO_TIER: dict[str | None, Tier] = {
     "DRAM": Tier.HOST,
 }
 
-_TIER_TO_MEDIUM: dict[Tier, str] = {Tier.DEVICE: "GPU", Tier.HOST: "CPU"}
-
 
 def tier_from_medium(medium: str | None) -> Tier:
     """Map a KV event's ``medium`` to a Tier (None/"GPU" -> DEVICE, "CPU" -> HOST, unknown -> HOST)."""
@@ -34,7 +32,3 @@ def tier_from_medium(medium: str | None) -> Tier:
         return Tier.DEVICE
     return _MEDIUM_TO_TIER.get(medium.upper(), Tier.HOST)
 
-
-def medium_from_tier(tier: Tier) -> str:
-    """The vLLM ``medium`` string for a tier ("GPU" or "CPU")."""
-    return _TIER_TO_MEDIUM[tier]

@@ -232,6 +232,7 @@ def smollm2_prompts(smollm2_checkpoint: Checkpoint) -> tuple[list[int], list[int
 
 
 @pytest.mark.parametrize("packed", PACKED)
+@pytest.mark.slow
 def test_smollm2_matches_hf(smollm2_pair, smollm2_prompts, packed: bool) -> None:
     ours, hf = smollm2_pair
     if packed:

@@ -57,6 +57,7 @@ def smollm2_tensors(smollm2_checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return dict(smollm2_checkpoint.tensors())
 
 
+@pytest.mark.slow
 def test_smollm2_config(smollm2_checkpoint: Checkpoint) -> None:
     c = smollm2_checkpoint.config
     assert (c.architecture, c.vocab_size, c.hidden_size, c.intermediate_size) == ("llama", 49152, 576, 1536)
@@ -66,6 +67,7 @@ def test_smollm2_config(smollm2_checkpoint: Checkpoint) -> None:
     assert (c.bos_token_id, c.eos_token_ids, c.max_position_embeddings) == (1, (2,), 8192)
 
 
+@pytest.mark.slow
 def test_smollm2_tensors_complete_and_finite(
     smollm2_checkpoint: Checkpoint, smollm2_tensors: dict[str, torch.Tensor]
 ) -> None:
@@ -87,6 +89,7 @@ def test_unpermute_inverts_llama_cpp_permute() -> None:
     np.testing.assert_array_equal(unpermute_rotary_rows(permuted, num_heads), hf)
 
 
+@pytest.mark.slow
 def test_smollm2_matches_reference_gguf_conversion(
     smollm2_checkpoint: Checkpoint, smollm2_tensors: dict[str, torch.Tensor]
 ) -> None:

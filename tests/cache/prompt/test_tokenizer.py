@@ -47,12 +47,14 @@ def reference(smollm2_gguf_path: Path) -> Any:
 
 
 @pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.slow
 def test_encode_matches_transformers(tokenizer: Tokenizer, reference: Any, text: str) -> None:
     ids = tokenizer.encode(text)
     assert ids == reference.encode(text, add_special_tokens=False)
     assert tokenizer.decode(ids, skip_special_tokens=False) == text
 
 
+@pytest.mark.slow
 def test_numerals_are_split_one_per_token_like_llama_cpp(tokenizer: Tokenizer, reference: Any) -> None:
     """SmolLM2's pre-tokenizer ("smollm" in llama.cpp) isolates every \\p{N} character before the GPT-2 regex.
 
@@ -90,6 +92,7 @@ CONVERSATIONS = [
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.slow
 def test_chat_template_matches_transformers(
     tokenizer: Tokenizer, reference: Any, messages: list[dict[str, str]], add_generation_prompt: bool
 ) -> None:

@@ -14,6 +14,8 @@ from cache.api.requests import chat_prompt_ids
 from cache.wire.hashing import block_hashes, namespace_seed
 from tests.engine.server.conftest import EngineServer
 
+pytestmark = pytest.mark.slow  # every test here talks to a worker serving the real model
+
 
 def test_salted_requests_share_prefixes_only_within_their_salt(engine_server: EngineServer) -> None:
     client = OpenAI(base_url=f"{engine_server.url}/v1", api_key="unused", max_retries=0)

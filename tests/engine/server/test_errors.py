@@ -9,6 +9,8 @@ import pytest
 
 from tests.engine.server.conftest import KV_CACHE_TOKENS, EngineServer
 
+pytestmark = pytest.mark.slow  # every test here talks to a worker serving the real model
+
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]

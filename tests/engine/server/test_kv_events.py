@@ -6,12 +6,15 @@ import time
 import uuid
 
 import aiohttp
+import pytest
 import zmq
 import zmq.asyncio
 
 from cache.wire.events import AllBlocksCleared, BlockRemoved, BlockStored, decode_event_batch
 from cache.wire.hashing import prompt_block_hashes
 from tests.engine.server.conftest import EngineServer
+
+pytestmark = pytest.mark.slow  # every test here talks to a worker serving the real model
 
 
 class Mirror:

@@ -9,6 +9,8 @@ from openai import OpenAI
 
 from tests.engine.server.conftest import EngineServer
 
+pytestmark = pytest.mark.slow  # every test here talks to a worker serving the real model
+
 
 @pytest.fixture(scope="module")
 def client(engine_server: EngineServer) -> OpenAI:

@@ -6,9 +6,12 @@ import itertools
 import json
 
 import aiohttp
+import pytest
 
 from cache.wire.hashing import HASH_SCHEME
 from tests.engine.server.conftest import EngineServer
+
+pytestmark = pytest.mark.slow  # every test here talks to a worker serving the real model
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> aiohttp.ClientResponse:

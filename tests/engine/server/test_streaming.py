@@ -11,6 +11,8 @@ import pytest
 
 from tests.engine.server.conftest import EngineServer
 
+pytestmark = pytest.mark.slow  # every test here talks to a worker serving the real model
+
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
 
