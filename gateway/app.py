@@ -7,14 +7,16 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from cache.api.errors import error_middleware
+from cache.prompt.tokenizer import Tokenizer
 from gateway import dashboard, handlers
 from gateway.config import GatewayConfig
 from gateway.state import STATE, GatewayState
 
 
-def create_app(config: GatewayConfig) -> web.Application:
+def create_app(config: GatewayConfig, tokenizer: Tokenizer | None = None) -> web.Application:
+    """``tokenizer``: one already loaded (tests share one); by default it is loaded from ``config.model``."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
-    app[STATE] = GatewayState(config)
+    app[STATE] = GatewayState(config, tokenizer)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with app[STATE].run():

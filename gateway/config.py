@@ -1,4 +1,7 @@
-"""Gateway configuration, built once from the command line and passed down."""
+"""Gateway configuration, built once from the command line and passed down.
+
+Fields with ``help`` metadata are command-line flags (``gateway.cli_config``); the others are set in code.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +16,29 @@ class Tenant:
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    policy: str = "cache_aware"  # round_robin | least_load | power_of_two | session | cache_aware
-    # A cached token on the host tier saves this fraction of a device-tier hit (it must be copied back).
-    host_tier_weight: float = 0.5
-    # cache_aware cost = uncached prompt tokens + load_cost_tokens x in-flight requests on the worker.
-    load_cost_tokens: int = 128
-    # Bounded-load guard: a worker stops taking requests (whatever it caches) once it would exceed both
-    # bounded_load_factor x the mean load and the least loaded worker + bounded_load_slack. The slack
-    # keeps small absolute imbalances, which cost little, from overriding cache affinity (SGLang's
-    # router likewise balances only past an absolute and a relative threshold).
-    bounded_load_factor: float = 1.5
-    bounded_load_slack: int = 2
+    policy: str = field(default="cache_aware", metadata={"help": "how to choose a worker"})
+    host_tier_weight: float = field(
+        default=0.5,
+        metadata={"help": "what a prefix cached on the host tier saves, as a fraction of a device-tier hit"},
+    )
+    load_cost_tokens: int = field(
+        default=128,
+        metadata={
+            "help": "cache_aware cost = uncached prompt tokens + this x in-flight requests on the worker"
+        },
+    )
+    # Bounded-load guard. The slack keeps small absolute imbalances, which cost little, from overriding
+    # cache affinity (SGLang's router likewise balances only past an absolute and a relative threshold).
+    bounded_load_factor: float = field(
+        default=1.5,
+        metadata={
+            "help": "a worker takes no more requests (whatever it caches) once its load would exceed both "
+            "this x the mean load and the least loaded worker's + --bounded-load-slack"
+        },
+    )
+    bounded_load_slack: int = field(
+        default=2, metadata={"help": "requests over the least loaded worker's load that never count as hot"}
+    )
     session_ttl_s: float = 1800.0
     approx_ttl_s: float = 120.0  # lifetime of routed-not-reported index entries (workers without events)
     # A request's prefix is claimed for its worker as soon as it is routed, so that a concurrent request
@@ -33,17 +48,38 @@ class RoutingConfig:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: tuple[str, ...] = ()  # base URLs to attach at start
-    model: str | None = None  # tokenizer source (.gguf or HF dir); None = the bundled default model
+    host: str = field(default="127.0.0.1", metadata={"help": "listen address (default: loopback only)"})
+    port: int = field(default=8080, metadata={"help": "listen port"})
+    workers: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "a worker's base URL (our engine, SGLang, or any OpenAI-compatible server)",
+            "flag": "--worker",
+            "metavar": "URL",
+        },
+    )
+    model: str | None = field(
+        default=None, metadata={"help": "tokenizer source (.gguf or HF dir); default: bundled model"}
+    )
     routing: RoutingConfig = field(default_factory=RoutingConfig)
-    redis_url: str | None = None  # several replicas share the index through Redis; None = in-process
-    redis_key_prefix: str = "prefixgate:"
-    ingest_kv_events: bool = True  # subscribe to workers' KV events (off: approximate routing inserts only)
+    redis_url: str | None = field(  # None: the index and shared state stay in this process
+        default=None,
+        metadata={"help": "share the index with other replicas", "flag": "--redis", "metavar": "URL"},
+    )
+    redis_key_prefix: str = field(default="prefixgate:", metadata={"help": "prefix of every Redis key"})
+    ingest_kv_events: bool = field(  # off: the index learns from approximate routing inserts only
+        default=True, metadata={"help": "do not subscribe to workers' KV events", "flag": "--no-kv-events"}
+    )
     api_keys: dict[str, Tenant] = field(default_factory=dict)  # empty = no auth, one default tenant
-    admin_key: str | None = None  # admin routes are disabled without one
-    allowed_worker_urls: tuple[str, ...] = ("http://127.0.0.1:", "http://localhost:", "http://[::1]:")
+    admin_key: str | None = None  # admin routes are disabled without one; never a flag (ps shows flags)
+    allowed_worker_urls: tuple[str, ...] = field(
+        default=("http://127.0.0.1:", "http://localhost:", "http://[::1]:"),
+        metadata={
+            "help": "URL prefix admins may attach (default: loopback only)",
+            "flag": "--allow-worker-url",
+            "metavar": "PREFIX",
+        },
+    )
     max_body_bytes: int = 8 * 2**20
     connect_timeout_s: float = 5.0
     first_byte_timeout_s: float = 300.0  # a long prefill queue can take a while

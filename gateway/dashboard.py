@@ -3,14 +3,14 @@
 * History: once a second the gateway appends a sample (cumulative totals plus figures over the last
   ``WINDOW_S`` seconds) to a ring buffer of ``HISTORY_S`` samples, so a freshly opened page has the last
   minutes at once. ``/stats?since=T`` returns the samples newer than ``T``.
-* Cluster: replicas sharing a store push their totals into its counters once a second, off the request
-  path: the increase since the last push goes to ``dash|cluster|<name>`` (all replicas summed by the store)
-  and ``dash|replica|<id>|<name>`` (one replica), plus a ``heartbeat`` per replica. Every replica reads
-  the counters back on the same tick and derives the cluster figures from them, so any replica's page
-  shows all of them. TTFT/TPOT percentiles travel as per-bucket counts (``ttft_le_<i>``, see
-  ``gateway.metrics.bucket_key``) and are estimated as Prometheus' ``histogram_quantile`` does.
-  A replica whose heartbeat has not moved for ``STALE_AFTER_S`` seconds is shown as not live; its
-  totals stay in the cluster sums (they are history).
+* Cluster: replicas sharing state (``gateway.shared_state``) push their totals into its counters once a
+  second, off the request path: the increase since the last push goes to ``dash|cluster|<name>`` (all
+  replicas summed by the store) and ``dash|replica|<id>|<name>`` (one replica), plus a ``heartbeat`` per
+  replica. Every replica reads the counters back on the same tick and derives the cluster figures from
+  them, so any replica's page shows all of them. TTFT/TPOT percentiles travel as per-bucket counts
+  (``ttft_le_<i>``, see ``gateway.metrics.bucket_key``) and are estimated as Prometheus'
+  ``histogram_quantile`` does. A replica whose heartbeat has not moved for ``STALE_AFTER_S`` seconds is
+  shown as not live; its totals stay in the cluster sums (they are history).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
-from cache.index.store import IndexStore
 from gateway.metrics import HISTOGRAM_BOUNDS, GatewayMetrics, hit_rates
+from gateway.shared_state import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +144,14 @@ class Dashboard:
     def __init__(
         self,
         metrics: GatewayMetrics,
-        store: IndexStore,
+        shared_state: SharedState,
         replica_id: str,
         shared: bool,
         in_flight: Callable[[], int],
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.metrics, self.store, self.replica_id, self.shared = metrics, store, replica_id, shared
+        self.metrics, self.shared_state, self.replica_id = metrics, shared_state, replica_id
+        self.shared = shared  # other replicas share ``shared_state``: push and read the cluster counters
         self.in_flight, self.clock = in_flight, clock
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_S)
         self._readings: deque[tuple[float, dict[str, int], dict[str, int] | None]] = deque(
@@ -167,7 +168,7 @@ class Dashboard:
         cluster_totals = None
         if self.shared:
             await self.push()
-            cluster_totals = self._read_cluster(await self.store.counters())
+            cluster_totals = self._read_cluster(await self.shared_state.counters())
         now = self.clock()
         own = own_totals(self.metrics)
         self._readings.append((now, own, cluster_totals))
@@ -179,10 +180,10 @@ class Dashboard:
         self.history.append(sample)
 
     async def push(self) -> None:
-        """Send this replica's increase since the last push (the store keeps what Redis misses)."""
+        """Send this replica's increase since the last push (the shared state keeps what Redis misses)."""
         own = own_totals(self.metrics)
         for counter, amount in counter_deltas(self.replica_id, own, self._pushed).items():
-            await self.store.incr(counter, amount)
+            await self.shared_state.incr(counter, amount)
         self._pushed = own
 
     def since(self, t: float) -> list[dict[str, Any]]:

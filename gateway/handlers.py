@@ -1,39 +1,26 @@
-"""Thin HTTP handlers: authenticate, parse, hand over to the router and proxy."""
+"""Thin HTTP handlers: authenticate, parse (``cache.api.requests``, shared with the engine), dispatch."""
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 
-import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cache.api.errors import ApiError
+from cache.api.requests import Kind, parse_request, read_json
+from cache.index.ops import ClearedOp
 from gateway.policies import POLICIES
 from gateway.router import PreparedRequest
 from gateway.state import STATE, GatewayState
 from gateway.tenancy import authenticate, require_admin
 
-_ids = itertools.count()
 
-
-async def _json_body(request: web.Request) -> dict:
-    raw = await request.read()  # aiohttp enforces client_max_size (413)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    return body
-
-
-async def _proxied(request: web.Request, kind: str) -> web.StreamResponse:
+async def _proxied(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[STATE]
     tenant = authenticate(request, state.config.api_keys)
-    body = await _json_body(request)
+    body = await read_json(request)
     served = state.served_models()
     model = body.get("model")
     if kind != "generate":
@@ -48,9 +35,9 @@ async def _proxied(request: web.Request, kind: str) -> web.StreamResponse:
                 param="model",
                 code="model_not_found",
             )
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", param="stream")
+    # state.limits leaves engine_features off: n > 1, tools and logprobs go to the upstream, which
+    # accepts or refuses them; the worker checks the body again with its own limits.
+    parsed = parse_request(kind, body, state.tokenizer, state.limits)
     session_id = body.get("prompt_cache_key") or body.get("user") or request.headers.get("X-Session-ID")
     if session_id is not None and not isinstance(session_id, str):
         raise ApiError(400, "'prompt_cache_key' and 'user' must be strings", param="user")
@@ -58,12 +45,13 @@ async def _proxied(request: web.Request, kind: str) -> web.StreamResponse:
         kind=kind,
         body=body,
         tenant=tenant,
-        prompt_ids=state.router.prompt_ids(kind, body),
-        stream=stream,
+        prompt_ids=parsed.prompt_ids,
+        stream=parsed.stream,
         session_id=session_id,
-        request_id=request.headers.get("X-Request-ID") or f"gw-{uuid.uuid4().hex[:12]}-{next(_ids)}",
+        request_id=request.headers.get("X-Request-ID") or f"gw-{uuid.uuid4().hex[:16]}",
+        include_usage=parsed.include_usage,
     )
-    return await state.proxy.handle(request, req)
+    return await state.dispatcher.dispatch(request, req)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -133,7 +121,7 @@ async def list_workers(request: web.Request) -> web.Response:
 
 async def add_worker(request: web.Request) -> web.Response:
     state = _admin(request)
-    url = (await _json_body(request)).get("url")
+    url = (await read_json(request)).get("url")
     if not isinstance(url, str) or not url.startswith(state.config.allowed_worker_urls):
         allowed = ", ".join(state.config.allowed_worker_urls)
         raise ApiError(403, f"worker URL not allowed; allowed prefixes: {allowed}", param="url")
@@ -151,7 +139,7 @@ async def remove_worker(request: web.Request) -> web.Response:
 
 async def set_policy(request: web.Request) -> web.Response:
     state = _admin(request)
-    name = (await _json_body(request)).get("policy")
+    name = (await read_json(request)).get("policy")
     if name not in POLICIES:
         raise ApiError(400, f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}", param="policy")
     state.router.set_policy(name)
@@ -162,6 +150,8 @@ async def flush_cache(request: web.Request) -> web.Response:
     """SGLang's ``POST /flush_cache``, fanned out: every native worker drops its prefix cache (200 only
     if all did; a busy worker refuses, as SGLang's does). Admin-only: it costs every tenant its hits."""
     state = _admin(request)
-    results = await state.flush_workers()
+    results = await state.pool.flush_caches()
+    # The index forgets what they held (workers with KV events also say so, with AllBlocksCleared).
+    await state.store.append_many(ClearedOp(worker_id) for worker_id, ok in results.items() if ok)
     ok = all(results.values())
     return web.json_response({"flushed": results}, status=200 if ok else 400)

@@ -1,242 +1,199 @@
-"""Forward one request to a worker and relay the answer, streaming or not.
+"""Move one request's bytes to one worker and its answer back to the client, streaming or not.
 
-- A worker that fails before the first byte (refused, reset, timed out, 5xx) is retried on another.
+- ``UpstreamFailed`` means nothing reached the client yet (refused, reset, timed out, 5xx, a stream that
+  closed empty): the caller may send the request to another worker.
 - Streams pass through line by line with backpressure (each write waits for the client to drain).
-- A client that disconnects cancels this handler; leaving the ``async with`` closes the upstream
-  connection, which the worker sees as a disconnect and aborts (freeing its KV pages).
-- A worker dying mid-stream ends the client's stream with an error event and ``[DONE]``.
-- The worker's usage (``cached_tokens``) is read on the way through for the hit-rate accounting.
+- On the way through it reads usage, text and time to first text (``cache.api.replies``), and drops the
+  usage-only chunk when the gateway asked for it on the client's behalf (``strip_usage``).
+- A worker failing mid-stream ends the client's stream with an error event and ``[DONE]``.
+- A client that goes away is never the worker's fault: with handler cancellation (how the gateway runs)
+  its handler is cancelled; otherwise the next write fails and ``Relayed.client_gone`` says so. Either
+  way leaving ``forward`` closes the upstream connection, which the worker sees as a disconnect and
+  aborts (freeing its KV pages).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from cache.api.errors import ApiError, error_body
-from gateway.metrics import GatewayMetrics, RequestRecord
-from gateway.policies import Decision
-from gateway.router import PreparedRequest, Router
-from gateway.workers import Worker, WorkerPool
+from cache.api.errors import ApiError
+from cache.api.replies import (
+    DONE,
+    BadChunk,
+    Usage,
+    chunk_error,
+    chunk_text,
+    is_usage_only,
+    parse_chunk,
+    reply_text,
+    reply_usage,
+    sse_data,
+)
+from cache.api.sse import send_error_and_done
 
-_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "generate": "/generate"}
+UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
-class _Retryable(Exception):
-    """The worker failed before sending anything: another worker may take the request."""
+class UpstreamFailed(Exception):
+    """The worker failed before anything reached the client: another worker may take the request."""
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    url: str  # the worker's endpoint
+    body: bytes
+    request_id: str
+    received: float  # perf_counter when the gateway got the request: TTFT counts from here
+    strip_usage: bool = False  # drop the usage-only chunk: the gateway asked for it, the client did not
+    cumulative_text: bool = False  # each chunk carries the whole answer so far (SGLang /generate)
 
 
 @dataclass
-class _Outcome:
-    status: int = 200
-    usage: dict | None = None
+class Relayed:
+    """The client's response and what the gateway read on the way through (never the prompt)."""
+
+    response: web.StreamResponse
+    status: int
+    usage: Usage | None = None
     text: str = ""
     ttft_s: float | None = None
+    inter_token_s: list[float] = field(default_factory=list)  # between consecutive chunks with text
     error: str | None = None
-    last_text_at: float | None = None  # perf_counter of the last streamed chunk with text
-    inter_token_s: list[float] = field(default_factory=list)
+    worker_failed: bool = False  # the worker broke off a stream it had started
+    client_gone: bool = False  # the client stopped reading before the end
 
 
-def _cached_tokens(usage: dict | None) -> int | None:
-    if not usage:
-        return None
-    if "cached_tokens" in usage:  # SGLang meta_info
-        return int(usage["cached_tokens"] or 0)
-    details = usage.get("prompt_tokens_details") or {}
-    return int(details.get("cached_tokens") or 0) if "cached_tokens" in details else None
+class _ClientGone(Exception):
+    pass
 
 
 class Proxy:
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        router: Router,
-        pool: WorkerPool,
-        metrics: GatewayMetrics,
-        max_retries: int,
-        timeouts: aiohttp.ClientTimeout,
-    ) -> None:
-        self.session, self.router, self.pool, self.metrics = session, router, pool, metrics
-        self.max_retries, self.timeouts = max_retries, timeouts
+    def __init__(self, session: aiohttp.ClientSession, timeouts: aiohttp.ClientTimeout) -> None:
+        self.session, self.timeouts = session, timeouts
 
-    async def handle(self, request: web.Request, req: PreparedRequest) -> web.StreamResponse:
-        tried: set[str] = set()
-        body = self._upstream_body(req)
-        last_error = "no worker answered"
-        for attempt in range(self.max_retries + 1):
-            decision = await self.router.choose(req, exclude=tried)
-            worker = decision.worker
-            outcome = _Outcome()
-            try:
-                with self.pool.dispatch(worker):
-                    response = await self._forward(request, req, worker, body, outcome)
-            except _Retryable as exc:
-                self.pool.record_failure(worker)
-                tried.add(worker.worker_id)
-                last_error = f"worker {worker.worker_id}: {exc}"
-                if attempt < self.max_retries and len(tried) < len(self.pool.workers):
-                    self.metrics.retries.inc()
-                    continue
-                break
-            self._record(req, decision, outcome)
-            if outcome.status < 400:
-                await self.router.routed(req, worker, outcome.text)
-            return response
-        raise ApiError(502, f"the request failed on every worker tried ({last_error})")
-
-    def _upstream_body(self, req: PreparedRequest) -> bytes:
-        body = dict(req.body)
-        if req.tenant.salt:
-            body["cache_salt"] = req.tenant.salt  # vLLM's field: the worker keys its cache by it too
-        if req.stream and req.kind != "generate":
-            # Always ask for usage so cached_tokens can be accounted; stripped again if unasked.
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-        return orjson.dumps(body)
-
-    async def _forward(
-        self, request: web.Request, req: PreparedRequest, worker: Worker, body: bytes, outcome: _Outcome
-    ) -> web.StreamResponse:
-        headers = {"Content-Type": "application/json", "X-Request-ID": req.request_id}
+    async def forward(self, request: web.Request, call: UpstreamCall) -> Relayed:
+        """POST ``call`` upstream and relay the answer to ``request``'s client; raises ``UpstreamFailed``
+        only while nothing has been sent to the client."""
+        headers = {"Content-Type": "application/json", "X-Request-ID": call.request_id}
         try:
             upstream = await self.session.post(
-                worker.url + _PATHS[req.kind], data=body, headers=headers, timeout=self.timeouts
+                call.url, data=call.body, headers=headers, timeout=self.timeouts
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _Retryable(type(exc).__name__) from exc
+        except UPSTREAM_ERRORS as exc:
+            raise UpstreamFailed(type(exc).__name__) from exc
         try:
             if upstream.status >= 500:
-                detail = (await upstream.read())[:200].decode(errors="replace")
-                raise _Retryable(f"HTTP {upstream.status}: {detail}")
-            self.pool.record_success(worker)
-            outcome.status = upstream.status
+                raise UpstreamFailed(f"HTTP {upstream.status}: {await _error_detail(upstream)}")
             is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
             if upstream.status >= 400 or not is_sse:
-                return await self._relay_body(upstream, outcome)
-            return await self._relay_stream(request, req, worker, upstream, outcome)
+                return await _relay_body(upstream)
+            return await _relay_stream(request, call, upstream)
         finally:
             upstream.release()  # closes the connection if the body was not read to the end
 
-    async def _relay_body(self, upstream: aiohttp.ClientResponse, outcome: _Outcome) -> web.Response:
+
+async def _error_detail(upstream: aiohttp.ClientResponse) -> str:
+    try:
+        return (await upstream.read())[:200].decode(errors="replace")
+    except UPSTREAM_ERRORS as exc:
+        return f"(body unreadable: {type(exc).__name__})"
+
+
+async def _relay_body(upstream: aiohttp.ClientResponse) -> Relayed:
+    try:
+        raw = await upstream.read()
+    except UPSTREAM_ERRORS as exc:
+        raise UpstreamFailed(f"failed while reading the answer: {type(exc).__name__}") from exc
+    ctype = upstream.headers.get("Content-Type", "application/json").split(";")[0]
+    relayed = Relayed(web.Response(body=raw, status=upstream.status, content_type=ctype), upstream.status)
+    if upstream.status < 400:
         try:
-            raw = await upstream.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _Retryable(f"failed while reading the answer: {type(exc).__name__}") from exc
-        if upstream.status < 400:
+            reply = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            reply = None
+        if isinstance(reply, dict):
+            relayed.usage, relayed.text = reply_usage(reply), reply_text(reply)
+    return relayed
+
+
+async def _relay_stream(
+    request: web.Request, call: UpstreamCall, upstream: aiohttp.ClientResponse
+) -> Relayed:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    relayed = Relayed(response, upstream.status)
+    texts: list[str] = []
+    last_text_at: float | None = None
+    started = skip_blank = False
+    try:
+        while True:
             try:
-                data = orjson.loads(raw)
-                outcome.usage = data.get("usage") or data.get("meta_info")
-                outcome.text = _reply_text(data)
-            except (orjson.JSONDecodeError, AttributeError):
-                pass
-        ctype = upstream.headers.get("Content-Type", "application/json")
-        return web.Response(body=raw, status=upstream.status, content_type=ctype.split(";")[0])
-
-    async def _relay_stream(
-        self,
-        request: web.Request,
-        req: PreparedRequest,
-        worker: Worker,
-        upstream: aiohttp.ClientResponse,
-        outcome: _Outcome,
-    ) -> web.StreamResponse:
-        wants_usage = bool((req.body.get("stream_options") or {}).get("include_usage"))
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        started = skip_blank = False
-        texts: list[str] = []
-        try:
-            async for line in upstream.content:
+                line = await upstream.content.readline()
+            except UPSTREAM_ERRORS as exc:
                 if not started:
-                    await response.prepare(request)
-                    started = True
-                if skip_blank and line.strip() == b"":
-                    skip_blank = False
-                    continue  # the separator after a chunk we dropped
-                if line.startswith(b"data: {"):
-                    chunk = orjson.loads(line[6:])
-                    text = _chunk_text(chunk)
-                    if text:
-                        now = time.perf_counter()
-                        if outcome.ttft_s is None:
-                            outcome.ttft_s = now - req.received
-                        elif outcome.last_text_at is not None:
-                            outcome.inter_token_s.append(now - outcome.last_text_at)
-                        outcome.last_text_at = now
-                    texts.append(text)
-                    usage = chunk.get("usage") or chunk.get("meta_info")
-                    if usage:
-                        outcome.usage = usage
-                    if (
-                        chunk.get("usage")
-                        and not chunk.get("choices")
-                        and not wants_usage
-                        and req.kind != "generate"
-                    ):
-                        skip_blank = True
-                        continue  # the usage chunk we asked for on the client's behalf
-                    if chunk.get("error"):
-                        outcome.error = str(chunk["error"].get("message", "error"))
-                await response.write(line)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    raise UpstreamFailed(type(exc).__name__) from exc
+                relayed.status, relayed.worker_failed = 502, True
+                relayed.error = f"worker failed mid-stream: {type(exc).__name__}"
+                message = f"the worker failed mid-stream ({type(exc).__name__}); the answer is incomplete"
+                await _to_client(send_error_and_done(response, ApiError(502, message)))
+                break
+            if not line:
+                if not started:
+                    raise UpstreamFailed("closed the stream without sending anything")
+                await _to_client(response.write_eof())
+                break
             if not started:
-                raise _Retryable(type(exc).__name__) from exc
-            self.pool.record_failure(worker)
-            outcome.status, outcome.error = 502, f"worker failed mid-stream: {type(exc).__name__}"
-            message = f"the worker failed mid-stream ({type(exc).__name__}); the answer is incomplete"
-            await response.write(b"data: " + orjson.dumps(error_body(502, message)) + b"\n\n")
-            await response.write(b"data: [DONE]\n\n")
-        if not started:
-            raise _Retryable("closed the stream without sending anything")
-        outcome.text = "".join(texts) if req.kind != "generate" else (texts[-1] if texts else "")
-        await response.write_eof()
-        return response
-
-    def _record(self, req: PreparedRequest, decision: Decision, outcome: _Outcome) -> None:
-        usage = outcome.usage or {}
-        latency_s = time.perf_counter() - req.received
-        completion_tokens = int(usage.get("completion_tokens") or 0)
-        self.metrics.record(
-            RequestRecord(
-                time=time.time(),
-                request_id=req.request_id,
-                tenant=req.tenant.name,
-                worker=decision.worker.worker_id,
-                policy=self.router.policy.name,
-                reason=decision.reason,
-                status=outcome.status,
-                stream=req.stream,
-                prompt_tokens=int(usage.get("prompt_tokens") or len(req.prompt_ids)),
-                predicted_cached_tokens=decision.predicted_cached_tokens,
-                cached_tokens=_cached_tokens(usage),
-                completion_tokens=completion_tokens,
-                ttft_s=outcome.ttft_s,
-                latency_s=latency_s,
-                error=outcome.error,
-                tpot_s=RequestRecord.time_per_output_token(outcome.ttft_s, latency_s, completion_tokens),
-            ),
-            outcome.inter_token_s,
-        )
+                await _to_client(response.prepare(request))
+                started = True
+            if skip_blank and not line.strip():
+                skip_blank = False
+                continue  # the separator after a chunk we dropped
+            chunk = _chunk(line)
+            if chunk is not None:
+                text = chunk_text(chunk)
+                if text:
+                    now = time.perf_counter()
+                    if relayed.ttft_s is None:
+                        relayed.ttft_s = now - call.received
+                    elif last_text_at is not None:
+                        relayed.inter_token_s.append(now - last_text_at)
+                    last_text_at = now
+                    if call.cumulative_text:
+                        texts.clear()
+                    texts.append(text)
+                relayed.usage = reply_usage(chunk) or relayed.usage
+                relayed.error = chunk_error(chunk) or relayed.error
+                if call.strip_usage and is_usage_only(chunk):
+                    skip_blank = True
+                    continue
+            await _to_client(response.write(line))
+    except _ClientGone:
+        relayed.client_gone = True
+    relayed.text = "".join(texts)
+    return relayed
 
 
-def _chunk_text(chunk: dict) -> str:
-    if "text" in chunk and "choices" not in chunk:  # SGLang /generate: cumulative text
-        return chunk.get("text") or ""
-    parts = []
-    for choice in chunk.get("choices") or []:
-        delta = choice.get("delta")
-        parts.append((delta or {}).get("content") or "" if delta is not None else choice.get("text") or "")
-    return "".join(parts)
+def _chunk(line: bytes) -> dict | None:
+    """The JSON object an SSE line carries, or None (separators, ``[DONE]``, anything unparsable)."""
+    payload = sse_data(line)
+    if not payload or payload == DONE:
+        return None
+    try:
+        return parse_chunk(payload)
+    except BadChunk:
+        return None  # relayed as is: judging the worker's stream is the client's business
 
 
-def _reply_text(data: dict) -> str:
-    if "text" in data and "choices" not in data:
-        return data.get("text") or ""
-    choice = (data.get("choices") or [{}])[0]
-    message = choice.get("message")
-    return (message or {}).get("content") or "" if message is not None else choice.get("text") or ""
+async def _to_client(write: Awaitable[object]) -> None:
+    """Await a write to the client; a client that went away raises ``_ClientGone``, never an upstream error
+    (aiohttp reports a closed client transport as ``ClientConnectionResetError``, a ``ClientError``)."""
+    try:
+        await write
+    except ConnectionResetError as exc:
+        raise _ClientGone from exc

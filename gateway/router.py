@@ -1,5 +1,8 @@
-"""From a parsed request to a worker: tokenize as the worker will, hash the prefix blocks, ask the
-index who holds them, let the policy choose; and afterwards, teach the index what was routed."""
+"""From a parsed request to a worker: hash the prompt's prefix blocks in each worker's namespace, ask the
+index who holds them, let the policy choose; and afterwards, teach the index what was routed.
+
+The prompt ids come from ``cache.api.requests.parse_request``, the parser the engine uses too, so the
+gateway hashes exactly the tokens the worker will compute."""
 
 from __future__ import annotations
 
@@ -8,26 +11,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cache.api.errors import ApiError
+from cache.api.requests import Kind
 from cache.index.ops import ApproxOp
 from cache.index.store import IndexStore
-from cache.prompt.chat import InvalidMessages, chat_prompt_ids
 from cache.prompt.tokenizer import Tokenizer
 from cache.wire.hashing import block_hashes, namespace_seed
 from gateway.config import RoutingConfig, Tenant
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Decision, Policy, RouteRequest, make_policy
+from gateway.shared_state import SharedState
 from gateway.workers import Worker, WorkerPool
 
 
 @dataclass
 class PreparedRequest:
-    kind: str  # "chat" | "completions" | "generate"
+    """A parsed request on its way through the gateway; ``body`` is forwarded (the gateway's additions
+    aside) as the client sent it, ``prompt_ids`` are what ``cache.api.requests.parse_request`` made of it."""
+
+    kind: Kind
     body: dict[str, Any]
     tenant: Tenant
     prompt_ids: list[int]
     stream: bool
     session_id: str | None
     request_id: str
+    include_usage: bool = False  # the client asked for the usage chunk (``stream_options.include_usage``)
     received: float = field(default_factory=time.perf_counter)
     _hashes: dict[tuple[str, int], list[int]] = field(default_factory=dict)
 
@@ -46,42 +54,20 @@ class Router:
         routing: RoutingConfig,
         pool: WorkerPool,
         store: IndexStore,
+        shared: SharedState,
         tokenizer: Tokenizer,
         metrics: GatewayMetrics,
     ) -> None:
         self.routing = routing
         self.pool = pool
         self.store = store
+        self.shared = shared
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.policy: Policy = make_policy(routing.policy, routing)
 
     def set_policy(self, name: str) -> None:
         self.policy = make_policy(name, self.routing)
-
-    # -- request -> token ids ------------------------------------------------------------------------
-    def prompt_ids(self, kind: str, body: dict[str, Any]) -> list[int]:
-        try:
-            if kind == "chat":
-                return chat_prompt_ids(self.tokenizer, body.get("messages"))
-            prompt = body.get("prompt") if kind == "completions" else body.get("text", body.get("input_ids"))
-            if kind == "generate" and prompt is None:
-                raise ApiError(400, "either 'text' or 'input_ids' is required", param="text")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-                prompt = prompt[0]  # a batch of one
-            if isinstance(prompt, str):
-                ids = self.tokenizer.encode(prompt, add_special_tokens=True)  # as the engine server does
-            elif isinstance(prompt, list) and all(
-                isinstance(t, int) and not isinstance(t, bool) for t in prompt
-            ):
-                ids = list(prompt)
-            else:
-                raise ApiError(400, "'prompt' must be a string or an array of token ids", param="prompt")
-        except InvalidMessages as exc:
-            raise ApiError(400, str(exc), param="messages") from None
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param="prompt" if kind != "chat" else "messages")
-        return ids
 
     # -- routing -------------------------------------------------------------------------------------
     async def choose(self, req: PreparedRequest, exclude: set[str]) -> Decision:
@@ -95,7 +81,7 @@ class Router:
             matches = self.store.match(req.hashes(model_id, page_size))
             route.matches.update(matches)
         if req.session_id is not None:
-            route.pinned_worker = await self.store.pinned_worker(self._session_key(req))
+            route.pinned_worker = await self.shared.pinned_worker(self._session_key(req))
         decision = self.policy.choose(route, candidates)
         self.metrics.decision(self.policy.name, decision.reason, decision.worker.worker_id)
         await self._claim(req, decision.worker)
@@ -113,7 +99,9 @@ class Router:
         """After a successful request: pin its session, and for a worker that publishes no KV events,
         insert what it now most likely holds (prompt and reply) as an approximate, expiring entry."""
         if req.session_id is not None:
-            await self.store.pin_session(self._session_key(req), worker.worker_id, self.routing.session_ttl_s)
+            await self.shared.pin_session(
+                self._session_key(req), worker.worker_id, self.routing.session_ttl_s
+            )
         if worker.precise or not reply_text:
             return  # the prompt was claimed at routing time
         ids = req.prompt_ids + self.tokenizer.encode(reply_text)

@@ -8,23 +8,25 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from cache.index.ops import ClearedOp, IndexOp, WorkerGoneOp
+from cache.api.requests import ServingLimits
+from cache.index.ops import IndexOp, WorkerGoneOp
 from cache.index.radix_index import RadixIndexConfig
 from cache.index.redis_store import RedisIndexStore, RedisStoreConfig
 from cache.index.store import IndexStore, LocalIndexStore
 from cache.index.zmq_consumer import KVEventConsumer, WorkerFeed
-from cache.prompt.model_files import default_model_path
+from cache.prompt.model_files import model_path
 from cache.prompt.tokenizer import Tokenizer
 from gateway.config import GatewayConfig
 from gateway.dashboard import Dashboard, drop_dashboard_counters
+from gateway.dispatch import Dispatcher
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Proxy
 from gateway.router import Router
+from gateway.shared_state import LocalSharedState, RedisSharedState, SharedState
 from gateway.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -52,21 +54,21 @@ async def run_periodically(
 
 
 class GatewayState:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
+        self._preloaded_tokenizer = tokenizer
         self.started = time.time()
         self.replica_id = uuid.uuid4().hex[:12]  # names this replica in the shared dashboard counters
         self.metrics = GatewayMetrics(config.recent_requests)
         index_config = RadixIndexConfig(approx_ttl_s=config.routing.approx_ttl_s)
-        self.store: IndexStore = (
-            RedisIndexStore(
-                RedisStoreConfig(url=config.redis_url, key_prefix=config.redis_key_prefix),
-                index_config,
-                replica_id=self.replica_id,
-            )
-            if config.redis_url
-            else LocalIndexStore(index_config)
-        )
+        self.store: IndexStore
+        self.shared: SharedState
+        if config.redis_url:
+            redis_config = RedisStoreConfig(url=config.redis_url, key_prefix=config.redis_key_prefix)
+            redis_store = RedisIndexStore(redis_config, index_config, replica_id=self.replica_id)
+            self.store, self.shared = redis_store, RedisSharedState(redis_store)
+        else:
+            self.store, self.shared = LocalIndexStore(index_config), LocalSharedState()
         self._event_tasks: dict[str, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()  # set at shutdown; the background loops check it
@@ -74,22 +76,25 @@ class GatewayState:
     @contextlib.asynccontextmanager
     async def run(self) -> AsyncIterator[None]:
         cfg = self.config
-        path = Path(cfg.model) if cfg.model else default_model_path()
-        self.tokenizer = await asyncio.to_thread(Tokenizer.from_checkpoint_path, path)
+        self.tokenizer = self._preloaded_tokenizer or await asyncio.to_thread(
+            Tokenizer.from_checkpoint_path, model_path(cfg.model)
+        )
+        self.limits = ServingLimits(vocab_size=self.tokenizer.vocab_size)
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
         )
         self.pool = WorkerPool(self.session, cfg.failure_threshold, cfg.circuit_open_s)
-        self.router = Router(cfg.routing, self.pool, self.store, self.tokenizer, self.metrics)
+        self.router = Router(cfg.routing, self.pool, self.store, self.shared, self.tokenizer, self.metrics)
         timeouts = aiohttp.ClientTimeout(
             total=None,
             sock_connect=cfg.connect_timeout_s,
             sock_read=max(cfg.first_byte_timeout_s, cfg.read_timeout_s),
         )
-        self.proxy = Proxy(self.session, self.router, self.pool, self.metrics, cfg.max_retries, timeouts)
+        proxy = Proxy(self.session, timeouts)
+        self.dispatcher = Dispatcher(self.router, self.pool, proxy, self.metrics, cfg.max_retries)
         self.dashboard = Dashboard(
             self.metrics,
-            self.store,
+            self.shared,
             self.replica_id,
             shared=cfg.redis_url is not None,
             in_flight=lambda: sum(w.in_flight for w in self.pool),
@@ -133,7 +138,7 @@ class GatewayState:
 
     async def add_worker(self, url: str) -> Worker:
         worker = await self.pool.add(url)
-        await self.store.register_worker(worker.worker_id, {"url": worker.url, "kind": worker.kind})
+        await self.shared.register_worker(worker.worker_id, {"url": worker.url, "kind": worker.kind})
         self._ensure_event_feed(worker)
         return worker
 
@@ -144,27 +149,9 @@ class GatewayState:
         task = self._event_tasks.pop(worker_id, None)
         if task is not None:
             task.cancel()
-        await self.store.append(WorkerGoneOp(worker_id))
-        await self.store.unregister_worker(worker_id)
+        await self.store.append(WorkerGoneOp(worker_id))  # every replica forgets its blocks
+        await self.shared.unregister_worker(worker_id)
         return True
-
-    async def flush_workers(self) -> dict[str, bool]:
-        """Ask every native worker to flush its prefix cache; the index forgets what they held (workers
-        with events also say so themselves, with AllBlocksCleared)."""
-        results = {}
-        for worker in self.pool:
-            if not worker.native:
-                continue
-            try:
-                async with self.session.post(
-                    worker.url + "/flush_cache", timeout=aiohttp.ClientTimeout(total=10)
-                ) as r:
-                    results[worker.worker_id] = r.status == 200
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                results[worker.worker_id] = False
-            if results[worker.worker_id]:
-                await self.store.append(ClearedOp(worker.worker_id))
-        return results
 
     def _ensure_event_feed(self, worker: Worker) -> None:
         if (
@@ -216,7 +203,7 @@ class GatewayState:
             "policy": self.router.policy.name,
             "store": self.store.status,
             "totals": self.metrics.summary(),
-            "shared_counters": drop_dashboard_counters(await self.store.counters()),
+            "shared_counters": drop_dashboard_counters(await self.shared.counters()),
             "workers": workers,
             "recent": self.metrics.recent_requests(),
             "replica": self.replica_id,

@@ -175,6 +175,14 @@ class WorkerPool:
         finally:
             worker.in_flight -= 1
 
+    # -- fan-out -------------------------------------------------------------------------------------
+    async def flush_caches(self) -> dict[str, bool]:
+        """SGLang's ``POST /flush_cache`` on every native worker at once: worker id -> whether it flushed
+        (a busy worker refuses, as SGLang's does; an unreachable one counts as not flushed)."""
+        native = [w for w in self if w.native]
+        results = await asyncio.gather(*(self._post_ok(w, "/flush_cache") for w in native))
+        return {w.worker_id: ok for w, ok in zip(native, results, strict=True)}
+
     # -- helpers -------------------------------------------------------------------------------------
     async def _get_json(self, worker: Worker, path: str) -> dict | list | None:
         try:
@@ -184,6 +192,13 @@ class WorkerPool:
                 return await r.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None
+
+    async def _post_ok(self, worker: Worker, path: str) -> bool:
+        try:
+            async with self.session.post(worker.url + path, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
 
     async def _get_ok(self, worker: Worker, path: str) -> bool:
         try:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,14 +24,10 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 
+from gateway.launcher import HOST, engine_workers, free_port, free_ports
+
+__all__ = ["REPO", "free_port", "http", "main", "wait_until"]  # free_port: tests/engine use it
 REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, bytes]:
@@ -101,21 +96,35 @@ def main(log_dir: Path | None = None, verbose: bool = True) -> dict:
     say = print if verbose else (lambda *a, **k: None)
     summary: dict = {}
     with ExitStack() as stack:
-        workers = []
-        for i in range(2):
-            port = free_port()
-            cmd = [sys.executable, "-m", "gateway.cli", "--log-level", "WARNING", "engine", "--host", HOST,
-                   "--port", str(port), "--kv-cache-tokens", "2048", "--threads", "1"]  # fmt: skip
-            workers.append((f"http://{HOST}:{port}", start(stack, cmd, log_dir / f"worker{i}.log")))
-        for url, proc in workers:
-            wait_until(lambda url=url: http("GET", url + "/health", timeout=2)[0] == 200, url, 180, proc)
-        say("workers up:", [url for url, _ in workers])
+        engine_args = ["--kv-cache-tokens", "2048", "--threads", "1"]
+        launched = stack.enter_context(
+            engine_workers(
+                2, extra=engine_args, timeout=180, kv_events=False, log_dir=log_dir, log_level="WARNING"
+            )
+        )
+        workers = [w.url for w in launched]
+        say("workers up:", workers)
 
-        router_port, prometheus_port = free_port(), free_port()
-        router_cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(router_port),
-                      "--prometheus-host", HOST, "--prometheus-port", str(prometheus_port),
-                      "--policy", "round_robin", "--log-level", "warn",
-                      "--worker-urls", *(url for url, _ in workers)]  # fmt: skip
+        router_port, prometheus_port = free_ports(2)
+        router_cmd = [
+            sys.executable,
+            "-m",
+            "sglang_router.launch_router",
+            "--host",
+            HOST,
+            "--port",
+            str(router_port),
+            "--prometheus-host",
+            HOST,
+            "--prometheus-port",
+            str(prometheus_port),
+            "--policy",
+            "round_robin",
+            "--log-level",
+            "warn",
+            "--worker-urls",
+            *workers,
+        ]
         router = start(stack, router_cmd, log_dir / "router.log")
         router_url = f"http://{HOST}:{router_port}"
         generate_body = {
@@ -131,14 +140,18 @@ def main(log_dir: Path | None = None, verbose: bool = True) -> dict:
             "router_listeners"
         ]
 
-        before = [worker_requests(url) for url, _ in workers]
+        before = [worker_requests(url) for url in workers]
         status, body = http("POST", router_url + "/generate", generate_body)
         assert status == 200, body
         generated = json.loads(body)
         assert generated["meta_info"]["finish_reason"]["type"] in ("length", "stop") and generated["text"]
         summary["generate"] = generated["text"]
-        chat_body = {"model": "SmolLM2-135M-Instruct.Q4_1", "max_tokens": 5, "temperature": 0,
-                     "messages": [{"role": "user", "content": "Say hello."}]}  # fmt: skip
+        chat_body = {
+            "model": "SmolLM2-135M-Instruct.Q4_1",
+            "max_tokens": 5,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "Say hello."}],
+        }
         for _ in range(3):
             status, body = http("POST", router_url + "/v1/chat/completions", chat_body)
             assert status == 200, body
@@ -146,7 +159,7 @@ def main(log_dir: Path | None = None, verbose: bool = True) -> dict:
             assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["content"]
         summary["chat"] = chat["choices"][0]["message"]["content"]
         summary["chat_usage"] = chat["usage"]
-        served = [worker_requests(url) - b for (url, _), b in zip(workers, before, strict=True)]
+        served = [worker_requests(url) - b for url, b in zip(workers, before, strict=True)]
         summary["requests_per_worker"] = served
         assert sum(served) == 4 and all(n > 0 for n in served), served
         say(json.dumps(summary, indent=2))

@@ -1,10 +1,11 @@
-"""RedisIndexStore: gateway replicas share the index log, registry, session pins and counters in Redis.
+"""RedisIndexStore: gateway replicas share the index log in Redis.
 
-Keys (all under ``key_prefix``; the index's own keys also under ``index:v<hash format>.<snapshot format>:``,
-so replicas of versions that name blocks differently never share a log): ``log`` Stream of index ops (field ``op`` = ``cache.index.ops`` msgpack);
-``epoch`` token of the current Redis "generation"; ``snapshot`` msgpack ``{epoch, covered, index}`` where
-``covered`` is the last stream id folded into the index; ``snapshot:covered``; ``log:trimmed`` (the MINID the
-log was last trimmed to); ``snapshot:lock``; ``workers`` hash; ``counters`` hash; ``pin:<session>``.
+Keys (under ``key_prefix`` + ``index:v<hash format>.<snapshot format>:``, so replicas of versions that name
+blocks differently never share a log): ``log`` Stream of index ops (field ``op`` = ``cache.index.ops``
+msgpack); ``epoch`` token of the current Redis "generation"; ``snapshot`` msgpack ``{epoch, covered, index}``
+where ``covered`` is the last stream id folded into the index; ``snapshot:covered``; ``log:trimmed`` (the
+MINID the log was last trimmed to); ``snapshot:lock``. The gateway keeps its other shared state (registry,
+pins, counters) on this store's connection, under ``key_prefix`` (``gateway.shared_state``).
 
 Protocol:
 * Every replica applies each op locally at once (``append``), queues it, and XADDs the queue in order;
@@ -16,8 +17,9 @@ Protocol:
   whose last id is below ``log:trimmed``, or that starts fresh, loads the snapshot and tails from there.
 * Redis loss: ``epoch`` missing means Redis came back empty. The first replica to SET NX a new epoch seeds
   it with a snapshot of its own index; the others load that snapshot (their queued ops follow in the log).
-* Any Redis error: the replica keeps serving from its local index and local fallbacks, ``status`` is
-  "degraded", and the tail task retries until it has re-synced. Nothing raises into callers.
+* Any Redis error: the replica keeps serving from its local index, ``status`` is "degraded", and the tail
+  task retries until it has re-synced; then it runs the ``on_resync`` callbacks (state that other
+  components kept locally while Redis was away goes back). Nothing raises into callers.
 """
 
 from __future__ import annotations
@@ -27,24 +29,25 @@ import contextlib
 import logging
 import time
 import uuid
-from collections import Counter, deque
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import TypeVar
 
 import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from cache.index.ops import IndexOp, WorkerGoneOp, apply_op, decode_op, encode_op
+from cache.index.ops import IndexOp, apply_op, decode_op, encode_op
 from cache.index.radix_index import RadixIndex, RadixIndexConfig
 from cache.index.snapshot import SNAPSHOT_VERSION, dump_index, load_index
-from cache.index.store import IndexStore, LocalState, StoreStatus
+from cache.index.store import IndexStore, StoreStatus
 from cache.wire.hashing import FORMAT_VERSION
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def index_key_prefix(key_prefix: str) -> str:
@@ -90,15 +93,13 @@ class RedisIndexStore(IndexStore):
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self._index_config = index_config
         self._index = RadixIndex(index_config)
-        self._local = LocalState()
-        p, ix = config.key_prefix, index_key_prefix(config.key_prefix)
+        ix = index_key_prefix(config.key_prefix)
         self._k_log, self._k_epoch, self._k_snapshot = ix + "log", ix + "epoch", ix + "snapshot"
         self._k_covered, self._k_trimmed, self._k_lock = (
             ix + "snapshot:covered",
             ix + "log:trimmed",
             ix + "snapshot:lock",
         )
-        self._k_workers, self._k_counters, self._k_pin = p + "workers", p + "counters", p + "pin:"
         no_retry = Retry(NoBackoff(), 0)  # fail fast: the caller's fallback is better than a stall
         timeout = config.op_timeout_s
         self._redis = Redis.from_url(
@@ -111,8 +112,7 @@ class RedisIndexStore(IndexStore):
             retry=no_retry,
         )
         self._pending: deque[bytes] = deque()  # encoded ops applied locally, not yet in the log, in order
-        self._counter_deltas: Counter[str] = Counter()  # increments Redis has not seen yet
-        self._last_counters: dict[str, int] = {}
+        self._resync_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._flush_lock = asyncio.Lock()
         self._epoch: str | None = None
         self._last_id = "0-0"
@@ -140,7 +140,7 @@ class RedisIndexStore(IndexStore):
 
     async def start(self) -> None:
         with contextlib.suppress(Exception):  # a failure here is recorded by _degrade and retried by _run
-            await self._guard(self._sync())
+            await self.guard(self._sync())
         self._task = asyncio.create_task(self._run(), name=f"redis-index-tail-{self.replica_id}")
 
     async def close(self) -> None:
@@ -154,7 +154,7 @@ class RedisIndexStore(IndexStore):
                 self._task.cancel()
                 await asyncio.wait({self._task}, timeout=grace)
         if self._synced:
-            await self._guard(self._flush())
+            await self.guard(self._flush())
         for client in (self._redis, self._tail):
             with contextlib.suppress(Exception):
                 await client.aclose()
@@ -167,50 +167,40 @@ class RedisIndexStore(IndexStore):
             self._pending.popleft()
             self.dropped_ops += 1  # other replicas will miss this op: their views may differ until cleared
         if self._synced:
-            await self._guard(self._flush())
+            await self.guard(self._flush())
 
-    async def register_worker(self, worker_id: str, info: dict[str, Any]) -> None:
-        self._local.workers[worker_id] = dict(info)
-        await self._guard(self._redis.hset(self._k_workers, worker_id, msgpack.packb(info)))
+    # ---- for components that keep their own state on this connection (``gateway.shared_state``) ------
+    @property
+    def client(self) -> Redis:
+        """The command connection: fail-fast (``op_timeout_s``, no retries). Prefer ``guard`` around calls."""
+        return self._redis
 
-    async def unregister_worker(self, worker_id: str) -> None:
-        self._local.workers.pop(worker_id, None)
-        await self._guard(self._redis.hdel(self._k_workers, worker_id))
-        await self.append(WorkerGoneOp(worker_id))
+    async def guard(self, awaitable: Awaitable[T]) -> T | None:
+        """Await a Redis call; on failure log, mark the store degraded (the tail task then re-syncs) and
+        return None instead of raising. Cancellation still propagates."""
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            raise
+        except _NotReady:
+            return None
+        except Exception as exc:
+            self._degrade(exc)
+            return None
 
-    async def workers(self) -> dict[str, dict[str, Any]]:
-        raw = await self._guard(self._redis.hgetall(self._k_workers))
-        if raw is None:
-            return dict(self._local.workers)
-        return {_s(k): msgpack.unpackb(v) for k, v in raw.items()}  # type: ignore[misc]
-
-    async def pin_session(self, session_id: str, worker_id: str, ttl_s: float) -> None:
-        self._local.pin(session_id, worker_id, ttl_s)  # kept locally too: the fallback while degraded
-        await self._guard(self._redis.set(self._k_pin + session_id, worker_id, px=max(1, int(ttl_s * 1000))))
-
-    async def pinned_worker(self, session_id: str) -> str | None:
-        value = await self._guard(self._redis.get(self._k_pin + session_id))
-        return _s(value) or self._local.pinned(session_id)
-
-    async def incr(self, counter: str, amount: int = 1) -> None:
-        self._local.counters[counter] += amount
-        if await self._guard(self._redis.hincrby(self._k_counters, counter, amount)) is None:
-            self._counter_deltas[counter] += amount  # flushed on re-sync
-
-    async def counters(self) -> dict[str, int]:
-        raw = await self._guard(self._redis.hgetall(self._k_counters))
-        if raw is not None:
-            self._last_counters = {_s(k): int(v) for k, v in raw.items()}  # type: ignore[misc]
-        merged = Counter(self._last_counters)
-        merged.update(self._counter_deltas)
-        return dict(merged)
+    def on_resync(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` each time this store (re)connects and has caught up, before it reports
+        "healthy": the place to push what was kept locally while Redis was away. A callback uses
+        ``client`` directly and may raise: the sync then counts as failed and is retried, so it must push
+        only what Redis has not acknowledged yet (and keep it until acknowledged)."""
+        self._resync_callbacks.append(callback)
 
     # ---- replication -----------------------------------------------------------------------------------
     async def caught_up(self) -> bool:
         """True when healthy, nothing is queued, and every op in the log has been applied here."""
         if not self._synced or self._pending:
             return False
-        last = await self._guard(self._redis.xrevrange(self._k_log, "+", "-", count=1))
+        last = await self.guard(self._redis.xrevrange(self._k_log, "+", "-", count=1))
         if last is None:
             return False
         return not last or _s(last[0][0]) == self._last_id
@@ -219,7 +209,7 @@ class RedisIndexStore(IndexStore):
         """Write a snapshot of this replica's index now (if healthy); returns whether it was written."""
         if not self._synced:
             return False
-        return bool(await self._guard(self._write_snapshot()))
+        return bool(await self.guard(self._write_snapshot()))
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -286,11 +276,8 @@ class RedisIndexStore(IndexStore):
 
     async def _finish_sync(self) -> None:
         await self._flush()
-        for worker_id, info in self._local.workers.items():
-            await self._redis.hset(self._k_workers, worker_id, msgpack.packb(info))
-        while self._counter_deltas:
-            counter, amount = self._counter_deltas.popitem()
-            await self._redis.hincrby(self._k_counters, counter, amount)
+        for callback in self._resync_callbacks:
+            await callback()
         if self._outage_logged:
             logger.info("replica %s: Redis available again, caught up at %s", self.replica_id, self._last_id)
         self._synced, self.last_error, self._outage_logged = True, None, False
@@ -355,18 +342,6 @@ class RedisIndexStore(IndexStore):
                 )  # on failure the batch stays queued; a partial XADD is re-sent (harmless)
                 for _ in batch:
                     self._pending.popleft()
-
-    async def _guard(self, awaitable: Any) -> Any:
-        """Await a Redis call; on failure log, mark degraded and return None instead of raising."""
-        try:
-            return await awaitable
-        except asyncio.CancelledError:
-            raise
-        except _NotReady:
-            return None
-        except Exception as exc:
-            self._degrade(exc)
-            return None
 
     def _degrade(self, exc: BaseException) -> None:
         if self._synced or not self._outage_logged:

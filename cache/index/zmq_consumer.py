@@ -124,4 +124,3 @@ class KVEventConsumer:
                     await self._sink(ops)
         finally:
             socket.close(linger=0)
-

@@ -31,4 +31,3 @@ def tier_from_medium(medium: str | None) -> Tier:
     if medium is None:
         return Tier.DEVICE
     return _MEDIUM_TO_TIER.get(medium.upper(), Tier.HOST)
-

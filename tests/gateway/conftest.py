@@ -1,4 +1,5 @@
-"""Gateway fixtures: real engine workers (subprocesses, the real model) and real gateways on loopback."""
+"""Gateway fixtures: the real tokenizer (loaded once), real engine workers (subprocesses, the real model)
+and real gateways on loopback."""
 
 from __future__ import annotations
 
@@ -7,14 +8,21 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from cache.prompt.model_files import default_model_path
+from cache.prompt.tokenizer import Tokenizer
 from gateway.app import create_app
 from gateway.config import GatewayConfig, RoutingConfig
-from gateway.serve import engine_workers
+from gateway.launcher import engine_workers
 
 # Small pools keep two workers' memory modest; a small step budget keeps steps short.
 ENGINE_ARGS = ["--kv-cache-tokens", "16384", "--max-batch-tokens", "256"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    """The bundled model's tokenizer (a few seconds to load), shared by every gateway of the session."""
+    return Tokenizer.from_checkpoint_path(default_model_path())
 
 
 @pytest.fixture(scope="session")
@@ -25,24 +33,31 @@ def two_workers() -> Iterator[list[str]]:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(config: GatewayConfig) -> AsyncIterator[tuple[str, web.Application]]:
-    app = create_app(config)
-    server = TestServer(app, host="127.0.0.1", handler_cancellation=True)  # as `prefixgate serve` runs
-    await server.start_server()
+async def running_gateway(
+    config: GatewayConfig, tokenizer: Tokenizer | None = None, handler_cancellation: bool = True
+) -> AsyncIterator[tuple[str, web.Application]]:
+    """A real gateway on loopback; ``handler_cancellation`` as `prefixgate serve` runs it by default
+    (aiohttp's ``TestServer`` always turns it on, hence a runner of our own)."""
+    app = create_app(config, tokenizer)
+    runner = web.AppRunner(app, handler_cancellation=handler_cancellation, access_log=None)
+    await runner.setup()
     try:
-        yield f"http://127.0.0.1:{server.port}", app
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}", app
     finally:
-        await server.close()
+        await runner.cleanup()
 
 
 GatewayFactory = Callable[..., contextlib.AbstractAsyncContextManager[tuple[str, web.Application]]]
 
 
 @pytest.fixture
-def gateway() -> GatewayFactory:
+def gateway(tokenizer: Tokenizer) -> GatewayFactory:
     def factory(workers: list[str], policy: str = "cache_aware", **overrides: object):
         routing = RoutingConfig(policy=policy, **overrides.pop("routing", {}))  # type: ignore[arg-type]
         config = GatewayConfig(workers=tuple(workers), routing=routing, health_interval_s=0.5, **overrides)  # type: ignore[arg-type]
-        return running_gateway(config)
+        return running_gateway(config, tokenizer)
 
     return factory

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import pytest
 
 from gateway.state import STATE
+
+pytestmark = pytest.mark.slow  # real engine workers
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 

@@ -33,6 +33,7 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 REDIS_URL = "redis://127.0.0.1:6379/0"
+pytestmark = pytest.mark.slow  # real engine workers and a browser
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from cache.index.radix_index import IndexStats
-from cache.index.store import LocalIndexStore
 from gateway.dashboard import (
     STALE_AFTER_S,
     Dashboard,
@@ -19,6 +18,7 @@ from gateway.dashboard import (
     split_counters,
 )
 from gateway.metrics import HISTOGRAM_BOUNDS, GatewayMetrics, RequestRecord, bucket_key
+from gateway.shared_state import LocalSharedState
 from gateway.state import run_periodically
 
 
@@ -116,7 +116,7 @@ def test_bucket_quantile_interpolates_like_histogram_quantile() -> None:
 
 
 async def test_two_replicas_sum_into_the_cluster_figures() -> None:
-    store, clock = LocalIndexStore(), Clock()  # one store both replicas write to, as Redis would be
+    store, clock = LocalSharedState(), Clock()  # one store both replicas write to, as Redis would be
     metrics_a, metrics_b = GatewayMetrics(50), GatewayMetrics(50)
     a = Dashboard(metrics_a, store, "a", shared=True, in_flight=lambda: 0, clock=clock)
     b = Dashboard(metrics_b, store, "b", shared=True, in_flight=lambda: 0, clock=clock)
@@ -159,7 +159,7 @@ async def test_two_replicas_sum_into_the_cluster_figures() -> None:
 
 async def test_history_samples_are_windowed_and_served_since_a_time() -> None:
     clock, metrics = Clock(), GatewayMetrics(50)
-    dash = Dashboard(metrics, LocalIndexStore(), "solo", shared=False, in_flight=lambda: 3, clock=clock)
+    dash = Dashboard(metrics, LocalSharedState(), "solo", shared=False, in_flight=lambda: 3, clock=clock)
     await dash.tick()
     first = dash.history[-1]
     assert first["requests"] == 0 and first["hit_rate_actual"] is None and first["in_flight"] == 3
@@ -181,7 +181,7 @@ async def test_history_samples_are_windowed_and_served_since_a_time() -> None:
     )
 
 
-class SwallowsCancel(LocalIndexStore):
+class SwallowsCancel(LocalSharedState):
     """A store whose counter read swallows one cancellation, as redis-py can (redis/redis-py#2028)."""
 
     def __init__(self) -> None:

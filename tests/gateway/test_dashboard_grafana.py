@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +46,7 @@ def test_grafana_dashboard_is_well_formed() -> None:
         )
 
 
+@pytest.mark.slow  # real engine workers
 async def test_grafana_and_docs_match_the_exported_metrics(two_workers, gateway) -> None:
     async with gateway(two_workers) as (base, _), aiohttp.ClientSession() as s:
         body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 3, "stream": True}

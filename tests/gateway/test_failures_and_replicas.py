@@ -9,12 +9,18 @@ import uuid
 
 import aiohttp
 import orjson
+import pytest
 import redis
 
-from gateway.serve import engine_workers
+from cache.api.requests import parse_request
+from gateway.launcher import engine_workers
+from gateway.router import PreparedRequest
 from gateway.state import STATE
+from gateway.tenancy import DEFAULT_TENANT
 from tests.gateway.conftest import ENGINE_ARGS
 from tests.gateway.test_routing_e2e import system_prompt
+
+pytestmark = pytest.mark.slow
 
 
 async def read_stream(s: aiohttp.ClientSession, url: str, body: dict) -> list[dict]:
@@ -84,11 +90,9 @@ async def test_replicas_sharing_redis_agree_on_a_prefix_one_of_them_routed(two_w
             async with aiohttp.ClientSession() as s, s.post(base_a + "/v1/chat/completions", json=body) as r:
                 assert r.status == 200
             chosen_by_a = app_a[STATE].metrics.recent[-1].worker
-            router_b = app_b[STATE].router
-            from gateway.router import PreparedRequest
-            from gateway.tenancy import DEFAULT_TENANT
-
-            ids = router_b.prompt_ids("chat", body)
+            state_b = app_b[STATE]
+            router_b = state_b.router
+            ids = parse_request("chat", body, state_b.tokenizer, state_b.limits).prompt_ids
             for _ in range(100):  # B tails the Redis stream
                 decision = await router_b.choose(
                     PreparedRequest("chat", body, DEFAULT_TENANT, ids, False, None, "t"), exclude=set()

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.state import STATE
 
+pytestmark = pytest.mark.slow  # real engine workers
 TOPICS = ["astronomy", "cooking", "maritime law", "volcanoes"]
 
 

@@ -5,17 +5,23 @@ from __future__ import annotations
 import uuid
 
 import aiohttp
+import pytest
 
 from gateway.config import Tenant
 from gateway.state import STATE
+
+pytestmark = pytest.mark.slow  # real engine workers
 
 KEYS = {"key-a": Tenant("acme", "salt-acme"), "key-b": Tenant("globex", "salt-globex")}
 
 
 async def test_keys_are_required_and_tenants_do_not_share_cache(two_workers, gateway) -> None:
     async with gateway(two_workers[:1], api_keys=KEYS) as (base, app), aiohttp.ClientSession() as s:
-        body = {"messages": [{"role": "system", "content": f"Shared text {uuid.uuid4().hex}. " + "Be kind. " * 40},
-                             {"role": "user", "content": "Hi"}], "max_tokens": 1}  # fmt: skip
+        system = f"Shared text {uuid.uuid4().hex}. " + "Be kind. " * 40
+        body = {
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}],
+            "max_tokens": 1,
+        }
 
         async def ask(key: str | None) -> tuple[int, dict]:
             headers = {"Authorization": f"Bearer {key}"} if key else {}

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 
 import redis
+
+from gateway.launcher import free_port
 
 SHARED_URL = "redis://127.0.0.1:6379/0"
 
@@ -32,12 +33,6 @@ def shared_redis_available() -> bool:
         return bool(redis.Redis.from_url(SHARED_URL, socket_connect_timeout=0.5).ping())
     except redis.RedisError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PrivateRedis:

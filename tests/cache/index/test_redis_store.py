@@ -5,16 +5,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from cache.index.ops import ApproxOp, ClearedOp, StoredOp
+from cache.index.ops import ApproxOp, ClearedOp, StoredOp, WorkerGoneOp
 from cache.index.radix_index import MatchResult
 from cache.index.redis_store import RedisIndexStore, RedisStoreConfig
-from tests.cache.index.redis_util import (
-    SHARED_URL,
-    delete_prefix,
-    free_port,
-    shared_redis_available,
-    unique_prefix,
-)
+from gateway.launcher import free_port
+from tests.cache.index.redis_util import SHARED_URL, delete_prefix, shared_redis_available, unique_prefix
 
 pytestmark = pytest.mark.skipif(not shared_redis_available(), reason="no Redis at 127.0.0.1:6379")
 
@@ -33,7 +28,7 @@ async def wait_caught_up(*stores: RedisIndexStore, timeout: float = 10.0) -> Non
         await asyncio.sleep(0.02)
 
 
-async def test_two_stores_share_index_pins_counters_and_registry(prefix: str) -> None:
+async def test_two_stores_share_the_index(prefix: str) -> None:
     config = RedisStoreConfig(url=SHARED_URL, key_prefix=prefix)
     a, b = RedisIndexStore(config), RedisIndexStore(config)
     await a.start()
@@ -53,22 +48,9 @@ async def test_two_stores_share_index_pins_counters_and_registry(prefix: str) ->
         await a.append(ClearedOp("w1"))
         await wait_caught_up(a, b)
         assert "w1" not in b.match([1, 2, 3])
-
-        await a.pin_session("s1", "w2", ttl_s=30)
-        assert await b.pinned_worker("s1") == "w2"
-        await a.pin_session("s2", "w2", ttl_s=0.05)
-        await asyncio.sleep(0.1)
-        assert await b.pinned_worker("s2") is None
-
-        await a.incr("requests")
-        await b.incr("requests", 2)
-        assert (await a.counters())["requests"] == 3
-
-        await a.register_worker("w2", {"url": "http://w2"})
-        assert await b.workers() == {"w2": {"url": "http://w2"}}
-        await b.unregister_worker("w2")
+        await b.append(WorkerGoneOp("w2"))
         await wait_caught_up(a, b)
-        assert await a.workers() == {} and "w2" not in a.match([1, 2])
+        assert "w2" not in a.match([1, 2])
     finally:
         await a.close()
         await b.close()
@@ -84,12 +66,26 @@ async def test_unreachable_redis_degrades_without_raising() -> None:
         assert store.status == "degraded" and store.last_error
         await store.append(StoredOp("w", None, [5, 6]))
         assert store.match([5, 6]) == {"w": MatchResult(2, 2, 0)}
-        await store.pin_session("s", "w", 30)
-        assert await store.pinned_worker("s") == "w"
-        await store.incr("c", 4)
-        assert await store.counters() == {"c": 4}
-        await store.register_worker("w", {"url": "x"})
-        assert await store.workers() == {"w": {"url": "x"}}
+        assert await store.guard(store.client.ping()) is None and store.status == "degraded"
         assert not await store.caught_up()
+    finally:
+        await store.close()
+
+
+async def test_resync_callbacks_run_before_healthy_and_a_failing_one_is_retried(prefix: str) -> None:
+    store = RedisIndexStore(RedisStoreConfig(url=SHARED_URL, key_prefix=prefix, retry_interval_s=0.01))
+    calls: list[str] = []
+
+    async def flaky() -> None:
+        calls.append(store.status)
+        if len(calls) == 1:
+            raise ConnectionError("first push fails")
+
+    store.on_resync(flaky)
+    await store.start()
+    try:
+        assert calls == ["degraded"] and store.status == "degraded"  # the failed push failed the sync
+        await wait_caught_up(store)
+        assert calls == ["degraded", "degraded"]  # retried once, and healthy only after it succeeded
     finally:
         await store.close()

@@ -1,4 +1,4 @@
-from cache.index.ops import StoredOp
+from cache.index.ops import StoredOp, WorkerGoneOp
 from cache.index.radix_index import MatchResult
 from cache.index.store import LocalIndexStore
 
@@ -8,11 +8,6 @@ async def test_local_store_has_the_same_behaviour() -> None:
     await store.start()
     await store.append(StoredOp("w", None, [1, 2]))
     assert store.match([1, 2]) == {"w": MatchResult(2, 2, 0)} and store.status == "healthy"
-    await store.pin_session("s", "w", 30)
-    assert await store.pinned_worker("s") == "w"
-    await store.incr("c")
-    assert await store.counters() == {"c": 1}
-    await store.register_worker("w", {"u": 1})
-    await store.unregister_worker("w")
-    assert await store.workers() == {} and store.match([1, 2]) == {}
+    await store.append(WorkerGoneOp("w"))
+    assert store.match([1, 2]) == {}
     await store.close()

@@ -1,0 +1,110 @@
+"""The request pipeline after parsing: choose a worker -> forward -> retry on another -> record -> routed.
+
+Which outcomes count against a worker (its circuit breaker): refused, reset, timed out or 5xx before the
+first byte (the request is then retried on a worker not tried yet, up to ``max_retries`` times), and a
+stream it broke off. Never: a 4xx (the request's fault, relayed as is) or a client that went away (a
+cancelled handler, or ``Relayed.client_gone``); such requests are not recorded at all.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cache.api.errors import ApiError
+from cache.api.replies import Usage
+from gateway.metrics import GatewayMetrics, RequestRecord
+from gateway.policies import Decision
+from gateway.proxy import Proxy, Relayed, UpstreamCall, UpstreamFailed
+from gateway.router import PreparedRequest, Router
+from gateway.workers import WorkerPool
+
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "generate": "/generate"}
+
+
+def upstream_body(req: PreparedRequest) -> tuple[bytes, bool]:
+    """The body to send upstream, and whether the gateway asked for a usage chunk the client did not
+    (so the proxy strips it). The tenant's salt goes as vLLM's ``cache_salt``: the worker keys its
+    prefix cache by it, as the gateway's hashes do."""
+    body: dict[str, Any] = dict(req.body)
+    if req.tenant.salt:
+        body["cache_salt"] = req.tenant.salt
+    ask_usage = req.stream and req.kind != "generate"  # usage carries cached_tokens, for the hit rate
+    if ask_usage:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return orjson.dumps(body), ask_usage and not req.include_usage
+
+
+class Dispatcher:
+    def __init__(
+        self, router: Router, pool: WorkerPool, proxy: Proxy, metrics: GatewayMetrics, max_retries: int
+    ) -> None:
+        self.router, self.pool, self.proxy, self.metrics = router, pool, proxy, metrics
+        self.max_retries = max_retries
+
+    async def dispatch(self, request: web.Request, req: PreparedRequest) -> web.StreamResponse:
+        body, strip_usage = upstream_body(req)
+        tried: set[str] = set()
+        last_error = "no worker answered"
+        for attempt in range(self.max_retries + 1):
+            decision = await self.router.choose(req, exclude=tried)
+            worker = decision.worker
+            call = UpstreamCall(
+                url=worker.url + PATHS[req.kind],
+                body=body,
+                request_id=req.request_id,
+                received=req.received,
+                strip_usage=strip_usage,
+                cumulative_text=req.kind == "generate",
+            )
+            try:
+                with self.pool.dispatch(worker):
+                    relayed = await self.proxy.forward(request, call)
+            except UpstreamFailed as exc:
+                self.pool.record_failure(worker)
+                tried.add(worker.worker_id)
+                last_error = f"worker {worker.worker_id}: {exc}"
+                if attempt < self.max_retries and len(tried) < len(self.pool.workers):
+                    self.metrics.retries.inc()
+                    continue
+                break
+            if relayed.worker_failed:
+                self.pool.record_failure(worker)
+            else:
+                self.pool.record_success(worker)
+            if relayed.client_gone:
+                return relayed.response
+            self._record(req, decision, relayed)
+            if relayed.status < 400:
+                await self.router.routed(req, worker, relayed.text)
+            return relayed.response
+        raise ApiError(502, f"the request failed on every worker tried ({last_error})")
+
+    def _record(self, req: PreparedRequest, decision: Decision, relayed: Relayed) -> None:
+        usage = relayed.usage or Usage()
+        latency_s = time.perf_counter() - req.received
+        completion_tokens = usage.completion_tokens or 0
+        self.metrics.record(
+            RequestRecord(
+                time=time.time(),
+                request_id=req.request_id,
+                tenant=req.tenant.name,
+                worker=decision.worker.worker_id,
+                policy=self.router.policy.name,
+                reason=decision.reason,
+                status=relayed.status,
+                stream=req.stream,
+                prompt_tokens=usage.prompt_tokens or len(req.prompt_ids),
+                predicted_cached_tokens=decision.predicted_cached_tokens,
+                cached_tokens=usage.cached_tokens,
+                completion_tokens=completion_tokens,
+                ttft_s=relayed.ttft_s,
+                latency_s=latency_s,
+                error=relayed.error,
+                tpot_s=RequestRecord.time_per_output_token(relayed.ttft_s, latency_s, completion_tokens),
+            ),
+            relayed.inter_token_s,
+        )
