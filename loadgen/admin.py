@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiohttp
@@ -49,6 +50,22 @@ async def flush_cache(session: aiohttp.ClientSession, base_url: str, admin_key: 
     except aiohttp.ClientError as exc:
         log.warning("%s/flush_cache failed (%s): its prefix cache may still be warm", base_url, exc)
     return False
+
+
+class TargetUnreachable(RuntimeError):
+    """The target did not answer at all (refused, unresolvable, timed out)."""
+
+
+async def check_reachable(session: aiohttp.ClientSession, base_url: str, headers: dict[str, str]) -> None:
+    """Fail fast, before building a workload, when nothing listens at ``base_url``."""
+    try:
+        async with session.get(
+            f"{base_url}/v1/models", headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+        ):
+            return
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        hint = " (prefixgate serve listens on http://127.0.0.1:8080; set --base-url)"
+        raise TargetUnreachable(f"cannot reach {base_url}: {type(exc).__name__}: {exc}{hint}") from None
 
 
 async def first_model_id(

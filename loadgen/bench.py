@@ -14,9 +14,10 @@ import aiohttp
 from loadgen import admin, report
 from loadgen.client import RequestRecord
 from loadgen.metrics import DEFAULT_PERCENTILES, SLO, compute_metrics
+from loadgen.progress import Progress
 from loadgen.prompts import ENDPOINT_PATHS, PromptRenderer
 from loadgen.reuse import reusable_tokens
-from loadgen.runner import LoadConfig, RunResult, make_session, run_load
+from loadgen.runner import LoadConfig, RunResult, make_session, run_load, truncate_workload
 from loadgen.workloads.base import Conversation, Workload
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,10 @@ class BenchConfig:
     admin_key: str | None = None
     pause_between_runs_s: float = 2.0
     plots: bool = True
+
+
+class NothingSucceeded(RuntimeError):
+    """Every measured request of a run failed: there is nothing to report, only the first error."""
 
 
 @dataclass
@@ -94,7 +99,18 @@ async def run_targets(
             log.info(
                 "run %s: %d requests of %s -> %s", target.label, workload.num_requests, workload.name, url
             )
-            result = await run_load(session, url, workload, renderer, load, warmup)
+            total = sum(len(c.turns) for c in truncate_workload(workload, load.num_prompts))
+            progress = Progress(target.label, min(total, load.num_prompts or total))
+            try:
+                result = await run_load(session, url, workload, renderer, load, warmup, progress)
+            finally:
+                progress.close()
+            measured = [r for r in result.records if not r.warmup]
+            if not any(r.success for r in measured):
+                first = measured[0].error if measured else "no request was sent"
+                raise NothingSucceeded(
+                    f"run {target.label}: no request succeeded against {url}; first error: {first}"
+                )
             reports.append(_report_run(target, workload, renderer, load, config, result))
     finally:
         if own_session:

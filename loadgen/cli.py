@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from loadgen.admin import AdminCallError
-from loadgen.bench import BenchConfig, Target, run_targets
+from loadgen.admin import AdminCallError, TargetUnreachable, check_reachable, first_model_id
+from loadgen.bench import BenchConfig, NothingSucceeded, Target, run_targets
 from loadgen.metrics import SLO
 from loadgen.prompts import PromptRenderer, RequestOptions
 from loadgen.runner import LoadConfig, make_session
@@ -33,6 +33,45 @@ from loadgen.workloads import (
     build_shared_prefix,
 )
 
+# Workload sizes per preset: "quick" finishes in about a minute against one CPU worker of the default
+# model; "sglang" is SGLang's bench_serving defaults (the dataclasses' own), for GPU fleets.
+PRESETS = {
+    "quick": {
+        "shared": SharedPrefixConfig(8, 4, 512, 32, 32),
+        "multi": MultiTurnConfig(8, 3, 256, 32, 32, 0.5),
+        "doc": LongDocQAConfig(2, 1024, 8, 32, 32),
+        "random": RandomConfig(32, 256, 32),
+    },
+    "sglang": {
+        "shared": SharedPrefixConfig(),
+        "multi": MultiTurnConfig(),
+        "doc": LongDocQAConfig(),
+        "random": RandomConfig(),
+    },
+}
+# flag -> (preset entry, config field, help)
+SIZE_FLAGS = {
+    "--gsp-num-groups": ("shared", "num_groups", "shared-prefix groups"),
+    "--gsp-prompts-per-group": ("shared", "prompts_per_group", ""),
+    "--gsp-system-prompt-len": ("shared", "system_prompt_len", ""),
+    "--gsp-question-len": ("shared", "question_len", ""),
+    "--gsp-output-len": ("shared", "output_len", ""),
+    "--zipf-alpha": ("shared", "zipf_alpha", "0: every group equally often"),
+    "--mt-num-conversations": ("multi", "num_conversations", "multi-turn conversations"),
+    "--mt-turns": ("multi", "turns_per_conversation", ""),
+    "--mt-system-prompt-len": ("multi", "system_prompt_len", ""),
+    "--mt-user-turn-len": ("multi", "user_turn_len", ""),
+    "--mt-output-len": ("multi", "output_len", ""),
+    "--think-time": ("multi", "think_time_s", "mean seconds (exponential)"),
+    "--doc-num-documents": ("doc", "num_documents", "long-doc-qa documents"),
+    "--doc-len": ("doc", "document_len", ""),
+    "--doc-questions-per-document": ("doc", "questions_per_document", ""),
+    "--doc-question-len": ("doc", "question_len", ""),
+    "--doc-output-len": ("doc", "output_len", ""),
+    "--random-num-prompts": ("random", "num_prompts", "random (no reuse) prompts"),
+    "--random-input-len": ("random", "input_len", ""),
+    "--random-output-len": ("random", "output_len", ""),
+}
 DESCRIPTION = "load generator: prefix-heavy workloads, SGLang/vLLM-compatible serving metrics, comparisons"
 log = logging.getLogger("loadgen")
 WARMUP_INPUT_LEN, WARMUP_OUTPUT_LEN = 32, 16
@@ -40,7 +79,11 @@ WARMUP_INPUT_LEN, WARMUP_OUTPUT_LEN = 32, 16
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     target = parser.add_argument_group("target")
-    target.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (no /v1)")
+    target.add_argument(
+        "--base-url",
+        default="http://127.0.0.1:8080",
+        help="server root, no /v1 (default: prefixgate serve's)",
+    )
     target.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
     target.add_argument("--model", default=None, help="model id (default: the first from GET /v1/models)")
     target.add_argument(
@@ -57,33 +100,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     target.add_argument("--disable-ignore-eos", action="store_true", help="do not send ignore_eos=true")
 
-    work = parser.add_argument_group("workload")
+    work = parser.add_argument_group(
+        "workload", "sizes default to --preset (quick: about a minute on a CPU worker; sglang: SGLang's own)"
+    )
     work.add_argument("--workload", choices=WORKLOAD_NAMES, default="shared-prefix")
+    work.add_argument(
+        "--preset", choices=sorted(PRESETS), default="quick", help="workload sizes (default: quick)"
+    )
     work.add_argument("--seed", type=int, default=1)
-    d = SharedPrefixConfig()
-    work.add_argument("--gsp-num-groups", type=int, default=d.num_groups)
-    work.add_argument("--gsp-prompts-per-group", type=int, default=d.prompts_per_group)
-    work.add_argument("--gsp-system-prompt-len", type=int, default=d.system_prompt_len)
-    work.add_argument("--gsp-question-len", type=int, default=d.question_len)
-    work.add_argument("--gsp-output-len", type=int, default=d.output_len)
-    work.add_argument("--zipf-alpha", type=float, default=d.zipf_alpha, help="0: every group equally often")
-    m = MultiTurnConfig()
-    work.add_argument("--mt-num-conversations", type=int, default=m.num_conversations)
-    work.add_argument("--mt-turns", type=int, default=m.turns_per_conversation)
-    work.add_argument("--mt-system-prompt-len", type=int, default=m.system_prompt_len)
-    work.add_argument("--mt-user-turn-len", type=int, default=m.user_turn_len)
-    work.add_argument("--mt-output-len", type=int, default=m.output_len)
-    work.add_argument("--think-time", type=float, default=m.think_time_s, help="mean seconds (exponential)")
-    q = LongDocQAConfig()
-    work.add_argument("--doc-num-documents", type=int, default=q.num_documents)
-    work.add_argument("--doc-len", type=int, default=q.document_len)
-    work.add_argument("--doc-questions-per-document", type=int, default=q.questions_per_document)
-    work.add_argument("--doc-question-len", type=int, default=q.question_len)
-    work.add_argument("--doc-output-len", type=int, default=q.output_len)
-    r = RandomConfig()
-    work.add_argument("--random-num-prompts", type=int, default=r.num_prompts)
-    work.add_argument("--random-input-len", type=int, default=r.input_len)
-    work.add_argument("--random-output-len", type=int, default=r.output_len)
+    for flag, (config_name, field_name, help_text) in SIZE_FLAGS.items():
+        quick, full = (
+            getattr(PRESETS["quick"][config_name], field_name),
+            getattr(PRESETS["sglang"][config_name], field_name),
+        )
+        extra = f"{help_text}; " if help_text else ""
+        work.add_argument(
+            flag,
+            type=type(full),
+            default=None,
+            dest=flag.removeprefix("--").replace("-", "_"),
+            help=f"{extra}default {quick} (quick) / {full} (sglang)",
+        )
 
     load = parser.add_argument_group("load")
     load.add_argument(
@@ -152,48 +189,25 @@ def parse_targets(args: argparse.Namespace) -> list[Target]:
     return [Target(args.label or base, base)]
 
 
+def sizes(args: argparse.Namespace, entry: str) -> dict[str, object]:
+    """The workload's size fields: each flag given, else the preset's value."""
+    preset = PRESETS[getattr(args, "preset", "quick")][entry]
+    out = {}
+    for flag, (config_name, field_name, _) in SIZE_FLAGS.items():
+        if config_name == entry:
+            value = getattr(args, flag.removeprefix("--").replace("-", "_"), None)
+            out[field_name] = value if value is not None else getattr(preset, field_name)
+    return out
+
+
 def build_workload(args: argparse.Namespace, vocab: WordVocabulary) -> Workload:
     if args.workload == "shared-prefix":
-        return build_shared_prefix(
-            SharedPrefixConfig(
-                args.gsp_num_groups,
-                args.gsp_prompts_per_group,
-                args.gsp_system_prompt_len,
-                args.gsp_question_len,
-                args.gsp_output_len,
-                args.zipf_alpha,
-                args.seed,
-            ),
-            vocab,
-        )
+        return build_shared_prefix(SharedPrefixConfig(**sizes(args, "shared"), seed=args.seed), vocab)
     if args.workload == "multi-turn":
-        return build_multi_turn(
-            MultiTurnConfig(
-                args.mt_num_conversations,
-                args.mt_turns,
-                args.mt_system_prompt_len,
-                args.mt_user_turn_len,
-                args.mt_output_len,
-                args.think_time,
-                args.seed,
-            ),
-            vocab,
-        )
+        return build_multi_turn(MultiTurnConfig(**sizes(args, "multi"), seed=args.seed), vocab)
     if args.workload == "long-doc-qa":
-        return build_long_doc_qa(
-            LongDocQAConfig(
-                args.doc_num_documents,
-                args.doc_len,
-                args.doc_questions_per_document,
-                args.doc_question_len,
-                args.doc_output_len,
-                args.seed,
-            ),
-            vocab,
-        )
-    return build_random(
-        RandomConfig(args.random_num_prompts, args.random_input_len, args.random_output_len, args.seed), vocab
-    )
+        return build_long_doc_qa(LongDocQAConfig(**sizes(args, "doc"), seed=args.seed), vocab)
+    return build_random(RandomConfig(**sizes(args, "random"), seed=args.seed), vocab)
 
 
 @functools.lru_cache(maxsize=4)  # a pure memo: parsing a GGUF vocabulary takes seconds
@@ -207,6 +221,10 @@ def load_tokenizer(path: str | None):
 
 async def _main(args: argparse.Namespace) -> int:
     targets = parse_targets(args)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    async with make_session() as session:
+        for target in targets:
+            await check_reachable(session, target.base_url, headers)
     tokenizer = load_tokenizer(args.tokenizer)
     vocab = WordVocabulary.from_tokenizer(tokenizer)
     workload = build_workload(args, vocab)
@@ -236,9 +254,6 @@ async def _main(args: argparse.Namespace) -> int:
     async with make_session() as session:
         model = args.model
         if model is None:
-            from loadgen.admin import first_model_id
-
-            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
             model = await first_model_id(session, targets[0].base_url, headers) or "default"
         options = RequestOptions(
             endpoint=args.endpoint,
@@ -262,6 +277,9 @@ async def _main(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_main(args))
-    except (ValueError, AdminCallError) as exc:
+    except (ValueError, AdminCallError, TargetUnreachable) as exc:
         log.error("%s", exc)
         return 2
+    except NothingSucceeded as exc:
+        log.error("%s (no report written)", exc)
+        return 1

@@ -26,6 +26,7 @@ import aiohttp
 import numpy as np
 
 from loadgen.client import RequestRecord, stream_request
+from loadgen.progress import Progress
 from loadgen.prompts import RenderedRequest
 from loadgen.workloads.base import Conversation, Turn, Workload
 
@@ -90,8 +91,9 @@ def truncate_workload(workload: Workload, num_prompts: int | None) -> tuple[Conv
 class _Run:
     """State of one run: ids, records, stop conditions. Lives for one ``run_load`` call."""
 
-    def __init__(self, session, url, renderer, load: LoadConfig) -> None:
+    def __init__(self, session, url, renderer, load: LoadConfig, progress: Progress | None = None) -> None:
         self.session = session
+        self.progress = progress
         self.url = url
         self.renderer = renderer
         self.load = load
@@ -131,9 +133,10 @@ class _Run:
         )
         self.records.append(record)
         self.rendered[record.request_id] = rendered
-        return await stream_request(
-            self.session, self.url, rendered.body, rendered.headers, record, self.origin
-        )
+        await stream_request(self.session, self.url, rendered.body, rendered.headers, record, self.origin)
+        if self.progress is not None and not warmup:
+            self.progress.update(record)
+        return record
 
     async def conversation(
         self,
@@ -178,15 +181,17 @@ async def run_load(
     renderer,
     load: LoadConfig,
     warmup: Sequence[Conversation] = (),
+    progress: Progress | None = None,
 ) -> RunResult:
     """Send ``warmup`` one by one (excluded from metrics), then ``workload`` under ``load``.
 
-    ``renderer`` is a ``prompts.PromptRenderer`` (anything with its ``render`` method).
+    ``renderer`` is a ``prompts.PromptRenderer`` (anything with its ``render`` method); ``progress``
+    is told about every measured request as it finishes.
     """
     conversations = truncate_workload(workload, load.num_prompts)
     first_turns = [renderer.render(c, [], c.turns[0]) for c in conversations]
     offsets = poisson_arrivals(len(conversations), load.request_rate, load.seed)
-    run = _Run(session, url, renderer, load)
+    run = _Run(session, url, renderer, load, progress)
     for conversation in warmup:
         rendered = renderer.render(conversation, [], conversation.turns[0])
         await run.send(conversation, 0, rendered, warmup=True, scheduled_s=None, dispatch_s=run.now_s())

@@ -103,3 +103,44 @@ def test_compare_endpoints_parsing():
         ("round_robin", "http://g:3", "round_robin"),
         ("cache_aware", "http://g:3", "cache_aware"),
     ]
+
+
+def test_an_unreachable_target_is_one_error_line_and_no_report(tmp_path, capsys, caplog):
+    from gateway.launcher import free_port  # a port nothing listens on
+
+    url = f"http://127.0.0.1:{free_port()}"
+    code = loadgen_main.main(["--base-url", url, "--output-dir", str(tmp_path / "out")])
+    assert code == 2
+    assert f"cannot reach {url}" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_where_nothing_succeeds_writes_no_report(tmp_path, caplog):
+    with stub_server_in_thread(Script(status=503)) as (url, calls):
+        code = loadgen_main.main(
+            ["--base-url", url, *SMALL_SHARED_PREFIX, "--output-dir", str(tmp_path), "--no-plots"]
+        )
+    assert code == 1 and len(calls.requests) == 7  # the warm-up, then all six measured
+    assert "no request succeeded" in caplog.text and "HTTP 503" in caplog.text
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_progress_is_reported_as_requests_finish(tmp_path, capsys):
+    with stub_server_in_thread(Script(first_delay_s=0.0, interval_s=0.0, content_chunks=2)) as (url, _):
+        code = loadgen_main.main(
+            ["--base-url", url, *SMALL_SHARED_PREFIX, "--output-dir", str(tmp_path), "--no-plots"]
+        )
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "6/6 requests" in err and "prompt-cache hit 52%" in err  # 64 of 123 prompt tokens, per the stub
+
+
+def test_presets_size_the_workload_and_flags_override_them():
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    quick = parser.parse_args([])
+    assert quick.base_url == "http://127.0.0.1:8080"  # where prefixgate serve listens
+    assert cli.sizes(quick, "shared")["num_groups"] == 8
+    full = parser.parse_args(["--preset", "sglang", "--gsp-output-len", "7"])
+    assert cli.sizes(full, "shared") == {**cli.sizes(full, "shared"), "num_groups": 64, "output_len": 7}
+    assert cli.sizes(full, "shared")["system_prompt_len"] == 2048
