@@ -20,21 +20,53 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="prefixgate", description="prefix-caching LLM gateway and engine")
-    parser.add_argument("--log-level", default="INFO")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: str | None) -> None:
+    # Accepted before or after the subcommand; the subcommand's copy only overrides when given.
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=default if default is not None else argparse.SUPPRESS,
+        help="log verbosity (default: info)",
+    )
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser with only the chosen subcommand's arguments (the others are not imported)."""
+    parser = argparse.ArgumentParser(
+        prog="prefixgate", description="prefix-caching LLM gateway and engine", allow_abbrev=False
+    )
+    _add_log_level(parser, "info")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            allow_abbrev=False,  # `--admin-key X` must not pass for `--admin-key-env X`
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # every option shows its default
+        )
+        _add_log_level(p, None)
         if name == chosen:  # only the chosen one is imported: its arguments are all we parse
             importlib.import_module(module).add_arguments(p)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser(argv).parse_args(argv)
+        logging.basicConfig(
+            level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+        return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
+    except KeyboardInterrupt:
+        print("prefixgate: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
