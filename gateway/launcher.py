@@ -8,6 +8,7 @@ process boundary: nothing here imports ``engine``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -16,13 +17,15 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STOP_GRACE_S = 15.0  # after SIGTERM, how long a worker may take to exit before SIGKILL
 
 
@@ -97,14 +100,7 @@ def engine_workers(
                 log_path = log_dir / f"worker{i}.log" if log_dir is not None else None
                 logs_of.append(log_path)
                 output = log_files.enter_context(open(log_path, "wb")) if log_path is not None else None
-                procs.append(
-                    subprocess.Popen(
-                        cmd,
-                        stdout=output,
-                        stderr=subprocess.STDOUT if output else None,
-                        start_new_session=True,
-                    )
-                )
+                procs.append(spawn(cmd, output))
                 urls.append(f"http://{HOST}:{port}")
             deadline = time.monotonic() + timeout
             for proc, url, log_path in zip(procs, urls, logs_of, strict=True):
@@ -113,6 +109,29 @@ def engine_workers(
             yield [LaunchedWorker(url, proc) for url, proc in zip(urls, procs, strict=True)]
         finally:
             _stop(procs)
+
+
+def spawn(cmd: Sequence[str], output: IO[bytes] | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, tied to this process's life: on Linux the kernel sends
+    it SIGTERM when this process dies, however it dies (SIGKILL, OOM kill, SIGHUP from a closed
+    terminal), so no worker is ever orphaned holding memory and a port."""
+    return subprocess.Popen(
+        list(cmd),
+        stdout=output,
+        stderr=subprocess.STDOUT if output else None,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
+    )
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    def preexec() -> None:  # runs in the child between fork and exec: async-signal-safe calls only
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def _wait_healthy(
