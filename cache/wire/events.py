@@ -46,6 +46,7 @@ class BlockStored:
     lora_id: int | None = None
     medium: str | None = None  # None or "GPU": device memory; "CPU": host memory (KV offloading)
     lora_name: str | None = None
+    cache_salt: str | None = None  # SGLang (map encoding): the salt of the request that stored them
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +127,7 @@ def decode_event(obj: Any) -> KVEvent | None:
                 lora_id=fields.get("lora_id"),
                 medium=fields.get("medium"),
                 lora_name=fields.get("lora_name"),
+                cache_salt=salt if isinstance(salt := fields.get("cache_salt"), str) else None,
             )
         if tag == "BlockRemoved":
             return BlockRemoved(
