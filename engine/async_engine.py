@@ -153,12 +153,12 @@ class AsyncEngine:
                 self._wakeup.clear()
                 continue
             try:
-                updated = engine.step()
-            except Exception as exc:  # reported to every affected caller, then go on
+                updated = engine.step()  # isolates each request's failure (``LLMEngine.step``)
+            except Exception as exc:  # a bug outside any one request: reported to every caller, go on
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all(EngineError(f"engine step failed: {exc}"))
                 continue
-            self._publish([(s.request_id, self._update(s)) for s in updated])
+            self._publish([(s.request_id, self._outcome(s)) for s in updated])
         self._fail_all(EngineError("the engine is shutting down"))
         self.stats = engine.stats()
 
@@ -194,6 +194,13 @@ class AsyncEngine:
                 future.set_result(result)
 
         self._loop.call_soon_threadsafe(settle)
+
+    @classmethod
+    def _outcome(cls, seq: Sequence) -> _Update | BaseException:
+        """What a stepped sequence's caller gets: its new token, or its own failure."""
+        if seq.finish_reason is FinishReason.ERROR:
+            return EngineError(seq.error or "the engine failed while running this request")
+        return cls._update(seq)
 
     @staticmethod
     def _update(seq: Sequence) -> _Update:

@@ -137,16 +137,31 @@ class LLMEngine:
         self.runner.sampler.forget(seq.request_id)
 
     def step(self) -> list[Sequence]:
-        """One forward pass. Returns the sequences that gained a token (finished ones included)."""
+        """One forward pass. Returns the sequences that gained a token (finished ones included) and
+        those that failed (finish reason ERROR, ``seq.error`` says why).
+
+        Failures stay with their requests: a row whose sampling raises fails that sequence alone; a
+        forward pass that raises fails this batch's sequences, each on its own (waiting ones are not
+        touched). Either way the engine is consistent and the next step serves everyone else."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        tokens = self.runner.run(batch)
+        try:
+            results = self.runner.run(batch)
+        except Exception as exc:
+            log.exception("forward pass failed; failing the %d requests in this batch", len(batch.chunks))
+            results = {chunk.seq: exc for chunk in batch.chunks}
+        failed = [seq for seq, result in results.items() if isinstance(result, Exception)]
+        for seq in failed:
+            log.warning("request %s failed in the engine: %r", seq.request_id, results[seq])
+            seq.error = f"the engine failed while running this request: {results[seq]}"
+            self.scheduler.finish(seq, FinishReason.ERROR)
+        tokens = {seq: t for seq, t in results.items() if not isinstance(t, Exception)}
         updated = self.scheduler.postprocess(batch, tokens)
-        for seq in updated:
+        for seq in updated + failed:
             if seq.finished:
                 self.runner.sampler.forget(seq.request_id)
-        return updated
+        return updated + failed
 
     def stats(self) -> EngineStats:
         """Current load; call it on the thread that steps the engine."""

@@ -99,7 +99,9 @@ class ModelRunner:
             sampled,
         )
 
-    def run(self, batch: Batch) -> dict[Sequence, int]:
+    def run(self, batch: Batch) -> dict[Sequence, int | Exception]:
+        """The next token of each sequence this step samples, or the exception its sampling raised.
+        Raises if the forward pass itself fails (then the whole batch has no result)."""
         input_ids, positions, attn, logits_rows, sampled = self.prepare(batch)
         logits = self.model(input_ids, positions, attn, self.kv, logits_rows)
         if not sampled:  # only partial prefill chunks this step: KV is written, nothing to sample

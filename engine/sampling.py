@@ -9,7 +9,8 @@ from cache.api.sampling import SamplingParams
 
 class Sampler:
     """Samples one token per logits row. Rows are independent; a seeded row is reproducible
-    whatever else shares its batch, because each seeded request owns its own generator."""
+    whatever else shares its batch, because each seeded request owns its own generator. A row whose
+    sampling raises yields its exception instead of a token: one request's failure is its own."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -18,13 +19,18 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
-    def sample(self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[str]) -> list[int]:
+    def sample(
+        self, logits: torch.Tensor, params: list[SamplingParams], request_ids: list[str]
+    ) -> list[int | Exception]:
         # logits: [N, V] float32
-        out = logits.argmax(dim=-1).tolist()
+        out: list[int | Exception] = logits.argmax(dim=-1).tolist()
         for row, (p, rid) in enumerate(zip(params, request_ids, strict=True)):
             if p.greedy:
                 continue
-            out[row] = self._sample_row(logits[row], p, rid)
+            try:
+                out[row] = self._sample_row(logits[row], p, rid)
+            except Exception as exc:  # reported to this request alone by the engine
+                out[row] = exc
         return out
 
     def _sample_row(self, logits: torch.Tensor, p: SamplingParams, request_id: str) -> int:

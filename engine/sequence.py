@@ -19,6 +19,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"
+    ERROR = "error"  # this request failed in the engine (``Sequence.error`` says why); others go on
 
 
 @dataclass(eq=False)
@@ -38,6 +39,7 @@ class Sequence:
     cache_node: Node | None = None  # locked prefix-cache node covering pages[:num_tree_pages]
     num_tree_pages: int = 0  # leading pages owned by the prefix cache
     admitted: bool = False  # set once: cached-token accounting is for the first admission only
+    error: str | None = None  # why it failed, when finish_reason is ERROR
 
     @property
     def token_ids(self) -> list[int]:

@@ -6,27 +6,42 @@ it returns and the engine computes them, so both tokenize alike by construction:
 path from a body to token ids. Every rejection is an ``ApiError`` (400) naming the field.
 
 Unknown fields are ignored, as OpenAI-compatible servers do. Known fields that the embedded engine
-cannot honour (n > 1, logprobs, penalties, tools) are rejected when ``limits.engine_features`` is set,
-rather than silently dropped; the gateway leaves them to whichever upstream it forwards to.
+cannot honour (n > 1, logprobs, penalties, logit_bias, response formats, tools) are rejected when
+``limits.engine_features`` is set, rather than silently dropped; the gateway leaves them to whichever
+upstream it forwards to.
+
+Hostile input: every value that reaches the sampler is in a range where its math is sound (see
+``cache.api.sampling``), lists and strings that cost work per generated token are bounded (stop
+strings, stop token ids), and a body that is not valid JSON, nests too deeply for the parser, or holds
+a string that is not valid Unicode is a 400, never a 500.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web
 
 from cache.api.errors import ApiError, bad_request
-from cache.api.sampling import SamplingParams
+from cache.api.sampling import SEED_RANGE, SamplingParams
 from cache.prompt import chat
 from cache.prompt.tokenizer import Tokenizer
 
 Kind = Literal["chat", "completions", "generate"]
 DEFAULT_MAX_TOKENS = 256  # OpenAI's default is "up to the context"; a bound keeps a bare request cheap
 SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
+# Bounds on what costs work per generated token or memory per distinct value (vLLM leaves these
+# unbounded; OpenAI allows 4 stop strings).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024  # per stop string: the stream holds back up to this much text
+MAX_STOP_TOKEN_IDS = 256
+MAX_CACHE_SALT_CHARS = 256  # the engine keeps a prefix-cache root per salt while it caches pages
+MAX_RID_CHARS = 256
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON escapes of UTF-16 surrogates
 
 
 @dataclass(frozen=True)
@@ -66,12 +81,13 @@ def parse_request(
         sampling = _sampling(sampling_from_sglang, body.get("sampling_params"))
         include_usage = False
         rid = body.get("rid")
-        if rid is not None and not isinstance(rid, str):
-            raise bad_request("'rid' must be a string", "rid")
+        if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_RID_CHARS):
+            raise bad_request(f"'rid' must be a string of at most {MAX_RID_CHARS} characters", "rid")
         if limits.engine_features:
             for name in ("return_logprob", "return_hidden_states"):
                 if get_bool(body, name):
                     raise bad_request(f"'{name}' is not supported by this engine", name)
+            reject_unsupported_sampling(body.get("sampling_params") or {})
     else:
         if limits.engine_features:
             reject_unsupported(body, chat=kind == "chat")
@@ -88,6 +104,7 @@ def parse_request(
         include_usage = stream and get_bool(options or {}, "include_usage")
         rid = None
     check_prompt(prompt_ids, limits, param)
+    check_context(prompt_ids, body if kind != "generate" else body.get("sampling_params") or {}, limits)
     model = model if isinstance(model, str) else None
     return GenerationRequest(
         kind, prompt_ids, sampling, stream, include_usage, get_cache_salt(body), model, rid, param
@@ -103,12 +120,25 @@ def _sampling(build: Any, source: Any) -> SamplingParams:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object (aiohttp enforces ``client_max_size`` with a 413)."""
+    return parse_json(await request.read())
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A JSON object whose strings are all valid Unicode (they can be encoded, tokenized and hashed),
+    or a 400: never an exception the caller did not ask for."""
     try:
-        body = json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):  # only escapes can smuggle lone surrogates into a str
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad_request("the request body holds a string with a lone UTF-16 surrogate") from None
     return body
 
 
@@ -147,6 +177,24 @@ def _generate_prompt_ids(tokenizer: Tokenizer, body: dict[str, Any]) -> tuple[li
     return get_token_ids(input_ids, "input_ids"), "input_ids"
 
 
+def check_context(prompt_ids: list[int], source: dict[str, Any], limits: ServingLimits) -> None:
+    """An explicit output budget must fit the context after the prompt (as vLLM and SGLang check);
+    the defaults are not checked, the engine stops at the context instead (finish reason "length")."""
+    if limits.max_model_len is None:
+        return
+    fields = ("max_completion_tokens", "max_tokens", "max_new_tokens")  # the first one given sets the budget
+    name = next((n for n in fields if source.get(n) is not None), "")
+    requested = source.get(name)
+    if isinstance(requested, int) and len(prompt_ids) + requested > limits.max_model_len:
+        raise ApiError(
+            400,
+            f"this model's context is {limits.max_model_len} tokens; the prompt has {len(prompt_ids)} "
+            f"and '{name}' asks for {_show(requested)} more",
+            param=name,
+            code="context_length_exceeded",
+        )
+
+
 def check_prompt(prompt_ids: list[int], limits: ServingLimits, param: str) -> None:
     if not prompt_ids:
         raise bad_request("the prompt is empty", param)
@@ -174,9 +222,9 @@ def sampling_from_openai(body: dict[str, Any]) -> SamplingParams:
         temperature=get_float(body, "temperature", 1.0, low=0.0, high=2.0),
         top_p=get_float(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
         top_k=_top_k(body),
-        seed=get_int(body, "seed"),
+        seed=get_seed(body, "seed"),
         stop=get_stop(body),
-        stop_token_ids=tuple(get_token_ids(body.get("stop_token_ids") or [], "stop_token_ids")),
+        stop_token_ids=get_stop_token_ids(body),
         ignore_eos=get_bool(body, "ignore_eos"),
     )
 
@@ -190,21 +238,22 @@ def sampling_from_sglang(params: Any) -> SamplingParams:
     max_new = get_int(params, "max_new_tokens", SGLANG_DEFAULT_MAX_NEW_TOKENS)
     if max_new is None or max_new < 1:
         raise bad_request(f"'max_new_tokens' must be at least 1, got {max_new}", "max_new_tokens")
-    seed = get_int(params, "sampling_seed", None)
+    seed = get_seed(params, "sampling_seed")
     return SamplingParams(
         max_tokens=max_new,
         temperature=get_float(params, "temperature", 1.0, low=0.0, high=100.0),
         top_p=get_float(params, "top_p", 1.0, low=0.0, high=1.0, open_low=True),
         top_k=_top_k(params),
-        seed=get_int(params, "seed", seed),
+        seed=get_seed(params, "seed", seed),
         stop=get_stop(params),
-        stop_token_ids=tuple(get_token_ids(params.get("stop_token_ids") or [], "stop_token_ids")),
+        stop_token_ids=get_stop_token_ids(params),
         ignore_eos=get_bool(params, "ignore_eos"),
     )
 
 
 def reject_unsupported(body: dict[str, Any], *, chat: bool) -> None:
-    """n > 1, logprobs, penalties, best_of and tools are not implemented: say so instead of ignoring them."""
+    """n > 1, logprobs, penalties, best_of, logit_bias, response formats and tools are not
+    implemented: say so instead of ignoring them."""
     if get_int(body, "n", 1, minimum=1) != 1:
         raise bad_request("only n=1 is supported", "n")
     if get_int(body, "best_of", 1, minimum=1) != 1:
@@ -217,6 +266,24 @@ def reject_unsupported(body: dict[str, Any], *, chat: bool) -> None:
             raise bad_request(f"'{name}' is not supported by this engine (only 0)", name)
     if body.get("tools"):
         raise bad_request("tool calling is not supported by this engine", "tools")
+    if body.get("logit_bias"):
+        raise bad_request("'logit_bias' is not supported by this engine", "logit_bias")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+    reject_unsupported_sampling(body)
+
+
+_NEUTRAL_SAMPLING = {"min_p": 0.0, "repetition_penalty": 1.0, "min_tokens": 0}  # vLLM's extra fields
+
+
+def reject_unsupported_sampling(params: dict[str, Any]) -> None:
+    """vLLM/SGLang sampling extensions the engine does not implement, unless they ask for nothing."""
+    if not isinstance(params, dict):
+        return  # reported by the parser of the enclosing object
+    for name, neutral in _NEUTRAL_SAMPLING.items():
+        if params.get(name) not in (None, neutral):
+            raise bad_request(f"'{name}' is not supported by this engine (only {neutral})", name)
 
 
 def _top_k(body: dict[str, Any]) -> int:
@@ -232,9 +299,19 @@ def get_cache_salt(body: dict[str, Any]) -> str:
     salt = body.get("cache_salt")
     if salt is None:
         return ""
-    if not isinstance(salt, str) or not salt:
-        raise bad_request("'cache_salt' must be a non-empty string", "cache_salt")
+    if not isinstance(salt, str) or not salt or len(salt) > MAX_CACHE_SALT_CHARS:
+        message = f"'cache_salt' must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters"
+        raise bad_request(message, "cache_salt")
     return salt
+
+
+def _show(value: Any) -> str:
+    """A short, always-printable description of a client's value for an error message."""
+    if isinstance(value, dict | list):
+        return f"an {type(value).__name__.replace('dict', 'object').replace('list', 'array')}"
+    if isinstance(value, str):
+        return json.dumps(value[:40])
+    return json.dumps(value)[:40] if not isinstance(value, int) or abs(value) < 10**40 else "a huge integer"
 
 
 def get_int(
@@ -244,10 +321,17 @@ def get_int(
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(f"'{name}' must be an integer, got {json.dumps(value)[:40]}", name)
+        raise bad_request(f"'{name}' must be an integer, got {_show(value)}", name)
     if minimum is not None and value < minimum:
-        raise bad_request(f"'{name}' must be at least {minimum}, got {value}", name)
+        raise bad_request(f"'{name}' must be at least {minimum}, got {_show(value)}", name)
     return value
+
+
+def get_seed(body: dict[str, Any], name: str, default: int | None = None) -> int | None:
+    seed = get_int(body, name, default)
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise bad_request(f"'{name}' must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", name)
+    return seed
 
 
 def get_float(
@@ -256,12 +340,16 @@ def get_float(
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise bad_request(f"'{name}' must be a number, got {json.dumps(value)[:40]}", name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+        raise bad_request(f"'{name}' must be a finite number, got {_show(value)}", name)
     if value < low or value > high or (open_low and value == low):
         interval = f"{'(' if open_low else '['}{low}, {high}]"
-        raise bad_request(f"'{name}' must be in {interval}, got {value}", name)
+        raise bad_request(f"'{name}' must be in {interval}, got {_show(value)}", name)
     return float(value)
+
+
+def _finite(value: int | float) -> bool:
+    return abs(value) < 2**1000 if isinstance(value, int) else math.isfinite(value)  # no OverflowError
 
 
 def get_bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
@@ -269,7 +357,7 @@ def get_bool(body: dict[str, Any], name: str, default: bool = False) -> bool:
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise bad_request(f"'{name}' must be a boolean, got {json.dumps(value)[:40]}", name)
+        raise bad_request(f"'{name}' must be a boolean, got {_show(value)}", name)
     return value
 
 
@@ -280,7 +368,20 @@ def get_stop(body: dict[str, Any], name: str = "stop") -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
         raise bad_request(f"'{name}' must be a non-empty string or a list of non-empty strings", name)
+    if len(items) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in items):
+        limit = f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters"
+        raise bad_request(f"'{name}' must hold {limit}", name)
     return tuple(items)
+
+
+def get_stop_token_ids(body: dict[str, Any], name: str = "stop_token_ids") -> tuple[int, ...]:
+    value = body.get(name)
+    ids = get_token_ids([] if value is None else value, name)
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"'{name}' must hold at most {MAX_STOP_TOKEN_IDS} token ids", name)
+    if any(t < 0 for t in ids):
+        raise bad_request(f"'{name}' must hold token ids >= 0", name)
+    return tuple(ids)
 
 
 def get_token_ids(value: Any, name: str) -> list[int]:

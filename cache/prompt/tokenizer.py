@@ -137,6 +137,23 @@ class Tokenizer:
         """Special-token text in ``text`` (``<|im_start|>``) always maps to its id, as in HF tokenizers."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    @functools.cached_property
+    def added_tokens(self) -> dict[str, int]:
+        """Text -> id of every added token (``<|im_end|>``, ...): text ``encode`` turns into that id."""
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.content}
+
+    @functools.cached_property
+    def _text_backend(self) -> BackendTokenizer:
+        # A copy, never the shared backend (other threads encode with it): special-token text is text.
+        backend = BackendTokenizer.from_str(self.backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    def encode_text(self, text: str) -> list[int]:
+        """``text`` as plain text: special-token text (``<|im_end|>``) gets ordinary text tokens, never
+        its control id. Added tokens not marked special still map to their ids (callers check)."""
+        return self._text_backend.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -5,7 +5,9 @@ Edges are labelled with token ids in whole pages (``page_size`` tokens each), so
 name for events, never the test of a hit.
 
 Namespaces: each cache salt (vLLM's ``cache_salt``, the gateway's per-tenant salt) has its own root,
-so requests of different tenants never share, nor time, each other's pages.
+so requests of different tenants never share, nor time, each other's pages. A salted root exists
+only while it holds pages: lookups never create one, and eviction drops a root with its last child,
+so ``roots`` never outgrows the pool (at most ``num_pages`` salted roots), however many salts come.
 
 Ownership: pages in the tree belong to the tree. A sequence that matched a prefix *locks* the path
 (``lock``), which makes those pages unevictable until it ``unlock``s. Eviction removes least
@@ -34,7 +36,17 @@ class CacheListener(Protocol):
 
 
 class Node:
-    __slots__ = ("children", "hashes", "key", "last_access", "lock_ref", "pages", "parent", "seed")
+    __slots__ = (
+        "children",
+        "hashes",
+        "key",
+        "last_access",
+        "lock_ref",
+        "namespace",
+        "pages",
+        "parent",
+        "seed",
+    )
 
     def __init__(self, key: list[int], pages: list[int], parent: Node | None, hashes: list[int]) -> None:
         self.key = key
@@ -45,6 +57,7 @@ class Node:
         self.lock_ref = 0
         self.last_access = 0
         self.seed: int | None = None  # roots only: the namespace's chain root (None = the hasher's default)
+        self.namespace = ""  # roots only: the salt this root is the root of
 
     @property
     def last_hash(self) -> int | None:
@@ -75,10 +88,12 @@ class PrefixCache:
 
     # -- lookup -------------------------------------------------------------------------------------
     def _root(self, namespace: str) -> Node:
+        """The namespace's root, created (for an insert) if it holds nothing yet."""
         root = self.roots.get(namespace)
         if root is None:
             root = self.roots[namespace] = Node([], [], None, [])
             root.seed = self.namespace_hash(namespace) if self.namespace_hash else None
+            root.namespace = namespace
         return root
 
     def match_prefix(self, token_ids: Sequence[int], namespace: str = "") -> tuple[list[int], Node]:
@@ -86,7 +101,10 @@ class PrefixCache:
 
         The node is only safe to use while locked; lock it before anything can evict.
         """
-        ps, node, pages, i = self.page_size, self._root(namespace), [], 0
+        # An unknown namespace matches nothing: a detached empty root (locking a root is a no-op),
+        # so a flood of distinct salts that never cache a page leaves no trace in ``roots``.
+        node = self.roots.get(namespace) or Node([], [], None, [])
+        ps, pages, i = self.page_size, [], 0
         now = next(self._clock)
         while i + ps <= len(token_ids):
             child = node.children.get(tuple(token_ids[i : i + ps]))
@@ -203,6 +221,8 @@ class PrefixCache:
                 self.listener.removed(leaf.hashes)
             if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, id(parent), parent))
+            elif parent.parent is None and not parent.children and parent is not self.root:
+                del self.roots[parent.namespace]  # an empty salted root: gone with its last page
         return freed
 
     def _leaves(self) -> list[Node]:

@@ -102,6 +102,7 @@ async def server_info(request: web.Request) -> web.Response:
             "dp_size": 1,
             "tp_size": 1,
             "kv_events_endpoint": settings.kv_events_endpoint,
+            "kv_events_curve_public_key": state.publisher.curve_public_key if state.publisher else None,
             "kv_block_hash": HASH_SCHEME,
             "internal_states": [load(state)],
             "version": VERSION,

@@ -22,7 +22,12 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.loader import LoadedModel, load_model
 from engine.server import admin_api, openai_api, sglang_api
-from engine.server.kv_events import KVEventPublisher, make_block_hasher, make_namespace_hash
+from engine.server.kv_events import (
+    KVEventPublisher,
+    load_curve_secret_key,
+    make_block_hasher,
+    make_namespace_hash,
+)
 from engine.server.metrics import ServerMetrics
 from engine.server.state import STATE, ServerSettings, ServerState
 
@@ -33,12 +38,23 @@ def load_engine(
     config: EngineConfig, settings: ServerSettings, loaded: LoadedModel | None = None
 ) -> tuple[AsyncEngine, KVEventPublisher | None]:
     """An engine whose pages are named by ``cache.wire.hashing`` and, if asked, a KV event publisher.
-    ``loaded``: a model already loaded from ``config`` (loaded here if None)."""
-    loaded = loaded or load_model(config)
-    config = dataclasses.replace(config, model_id=loaded.model_id)
+    ``loaded``: a model already loaded from ``config`` (loaded here if None). Raises ValueError for
+    KV event settings that would expose the events (checked before the model loads)."""
     publisher = None
     if settings.kv_events_endpoint:
-        publisher = KVEventPublisher(settings.kv_events_endpoint, config.page_size)
+        secret = None
+        if settings.kv_events_curve_secret_key_file:
+            secret = load_curve_secret_key(settings.kv_events_curve_secret_key_file)[1]
+        publisher = KVEventPublisher(
+            settings.kv_events_endpoint,
+            config.page_size,
+            include_token_ids=settings.kv_events_token_ids,
+            curve_secret_key=secret,
+            curve_clients_dir=settings.kv_events_curve_clients_dir,
+            allow_remote=settings.kv_events_allow_remote,
+        )
+    loaded = loaded or load_model(config)
+    config = dataclasses.replace(config, model_id=loaded.model_id)
     engine = LLMEngine(
         config,
         loaded,

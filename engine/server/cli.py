@@ -34,7 +34,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-events-endpoint",
         default=None,
         metavar="ZMQ_ADDR",
-        help="publish KV cache events on this ZMQ PUB address, e.g. tcp://127.0.0.1:5557",
+        help="publish KV cache events on this ZMQ PUB address, e.g. tcp://127.0.0.1:5557 "
+        "(other hosts' addresses need --kv-events-curve-secret-key or --kv-events-allow-remote)",
+    )
+    parser.add_argument(
+        "--kv-events-token-ids",
+        action="store_true",
+        help="include prompt token ids in BlockStored events (they reveal every tenant's prompt text)",
+    )
+    parser.add_argument(
+        "--kv-events-allow-remote",
+        action="store_true",
+        help="allow a non-loopback KV event endpoint without encryption",
+    )
+    parser.add_argument(
+        "--kv-events-curve-secret-key",
+        default=None,
+        metavar="FILE",
+        help="encrypt KV events with ZMQ CURVE: this server's secret key (zmq.curve_keypair()'s "
+        "40-character Z85 secret, or a .key_secret certificate); subscribers need its public key",
+    )
+    parser.add_argument(
+        "--kv-events-curve-clients",
+        default=None,
+        metavar="DIR",
+        help="with CURVE: only clients whose public-key certificates are in DIR may subscribe",
     )
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default=defaults.dtype, help="auto | float32 | bfloat16 | float16")
@@ -81,9 +105,16 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         kv_events_endpoint=args.kv_events_endpoint,
+        kv_events_token_ids=args.kv_events_token_ids,
+        kv_events_allow_remote=args.kv_events_allow_remote,
+        kv_events_curve_secret_key_file=args.kv_events_curve_secret_key,
+        kv_events_curve_clients_dir=args.kv_events_curve_clients,
         shutdown_grace_s=args.shutdown_grace,
     )
-    engine, publisher = load_engine(config, settings)
+    try:
+        engine, publisher = load_engine(config, settings)
+    except ValueError as exc:  # settings that would expose KV events: say what to change
+        raise SystemExit(f"prefixgate engine: {exc}") from None
     return asyncio.run(_serve(create_app(engine, settings, publisher), settings))
 
 

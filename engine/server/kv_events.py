@@ -5,6 +5,12 @@ a msgpack ``EventBatch`` in vLLM's array-like encoding (``cache.wire.events``). 
 ``cache.wire.hashing``'s chained hashes rooted at ``namespace_seed(model_id)``, so they equal what the
 gateway computes for the same token ids.
 
+Privacy: events carry what routing needs (hashes, parent, block size, medium). ``BlockStored``'s
+``token_ids`` is empty unless the operator opts in (``include_token_ids``): the ids are every
+tenant's prompt text. The socket binds this host only (loopback, ipc, inproc) unless it is
+encrypted with CURVE (``curve_secret_key``; subscribers then need the server's public key, and with
+``curve_clients_dir`` only the listed client keys may subscribe) or ``allow_remote`` says so.
+
 Threading: the prefix cache calls the ``CacheListener`` methods on the engine thread; they only put
 events on a queue. One sender thread owns the socket (ZMQ sockets are not thread-safe) and sends
 everything that arrived together as one batch: a step's events are queued within microseconds of
@@ -13,13 +19,17 @@ each other, so a batch is in practice one engine step.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from cache.wire.events import (
     AllBlocksCleared,
@@ -52,9 +62,50 @@ def make_namespace_hash(model_id: str) -> Callable[[str], int]:
     return lambda salt: namespace_seed(model_id, salt)
 
 
+def check_endpoint(endpoint: str, *, encrypted: bool = False, allow_remote: bool = False) -> None:
+    """Refuse (ValueError) a ZMQ address that other hosts can reach, unless the socket is encrypted
+    (CURVE) or the operator allowed it: loopback addresses, ``ipc://`` and ``inproc://`` always pass;
+    wildcards (``*``, ``0.0.0.0``, ``::``), interface names and other addresses need one of the two."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return
+    if scheme != "tcp" or ":" not in address:
+        raise ValueError(f"KV event endpoint {endpoint!r}: expected tcp://HOST:PORT, ipc:// or inproc://")
+    host = address.rsplit(":", 1)[0].removeprefix("[").removesuffix("]")
+    if _is_loopback(host) or encrypted or allow_remote:
+        return
+    raise ValueError(
+        f"KV event endpoint {endpoint!r} is reachable from other hosts; bind tcp://127.0.0.1:PORT, "
+        "or encrypt it (--kv-events-curve-secret-key), or allow it (--kv-events-allow-remote)"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface name or a host name
+        return False
+
+
+def load_curve_secret_key(path: str | Path) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from ``path``: the 40-character secret key ``zmq.curve_keypair()``
+    returns, or a ZeroMQ secret certificate (``zmq.auth.create_certificates``' ``.key_secret``)."""
+    try:
+        text = Path(path).read_bytes().strip()
+        secret = text if len(text) == 40 else zmq.auth.load_certificate(path)[1]
+        if secret is None:
+            raise ValueError("no secret key in it")
+        return zmq.curve_public(secret), secret
+    except (OSError, ValueError, zmq.ZMQError) as exc:
+        raise ValueError(f"cannot read a CURVE secret key from {path}: {exc}") from None
+
+
 class KVEventPublisher:
     """A ``CacheListener`` that publishes the prefix cache's changes. ``start`` binds and announces
-    AllBlocksCleared (a fresh engine holds nothing); ``close`` flushes what is queued and unbinds."""
+    AllBlocksCleared (a fresh engine holds nothing); ``close`` flushes what is queued and unbinds.
+    The constructor refuses (ValueError) an endpoint other hosts could reach, see ``check_endpoint``."""
 
     def __init__(
         self,
@@ -63,9 +114,24 @@ class KVEventPublisher:
         topic: str = "",
         batch_window_s: float = 0.002,
         hwm: int = 100_000,
+        *,
+        include_token_ids: bool = False,
+        curve_secret_key: bytes | None = None,
+        curve_clients_dir: str | Path | None = None,
+        allow_remote: bool = False,
     ) -> None:
+        """``curve_secret_key``: this server's Z85 secret key (``load_curve_secret_key``);
+        ``curve_clients_dir``: certificates of the only clients allowed to subscribe (any client that
+        knows the server's public key may, without it)."""
+        check_endpoint(endpoint, encrypted=curve_secret_key is not None, allow_remote=allow_remote)
+        if curve_clients_dir is not None and curve_secret_key is None:
+            raise ValueError("KV event client keys need a server secret key (CURVE)")
         self.endpoint = endpoint
         self.page_size = page_size
+        self.include_token_ids = include_token_ids
+        self.curve_secret_key = curve_secret_key
+        self.curve_public_key = zmq.curve_public(curve_secret_key).decode() if curve_secret_key else None
+        self.curve_clients_dir = curve_clients_dir
         self.topic = topic.encode()
         self.batch_window_s = batch_window_s
         self.hwm = hwm
@@ -77,7 +143,8 @@ class KVEventPublisher:
 
     # -- CacheListener (engine thread) ------------------------------------------------------------
     def stored(self, parent_hash: int | None, hashes: list[int], token_ids: list[int]) -> None:
-        self._queue.put(BlockStored(list(hashes), parent_hash, list(token_ids), self.page_size))
+        ids = list(token_ids) if self.include_token_ids else []  # prompt text: only if the operator opts in
+        self._queue.put(BlockStored(list(hashes), parent_hash, ids, self.page_size))
 
     def removed(self, hashes: list[int]) -> None:
         self._queue.put(BlockRemoved(list(hashes)))
@@ -105,7 +172,16 @@ class KVEventPublisher:
     def _run(self) -> None:
         context = zmq.Context()
         socket = context.socket(zmq.PUB)
+        authenticator = None
         try:
+            if self.curve_secret_key is not None:
+                if self.curve_clients_dir is not None:  # ZAP: only these client keys get through
+                    authenticator = ThreadAuthenticator(context)
+                    authenticator.start()
+                    authenticator.configure_curve(domain="*", location=str(self.curve_clients_dir))
+                socket.curve_secretkey = self.curve_secret_key
+                socket.curve_publickey = zmq.curve_public(self.curve_secret_key)
+                socket.curve_server = True
             socket.setsockopt(zmq.SNDHWM, self.hwm)
             socket.setsockopt(zmq.LINGER, 1000)
             socket.bind(self.endpoint)
@@ -113,6 +189,8 @@ class KVEventPublisher:
         except zmq.ZMQError as exc:
             self._error = exc
             socket.close(linger=0)
+            if authenticator is not None:
+                authenticator.stop()
             context.term()
             self._bound.set()
             return
@@ -130,6 +208,8 @@ class KVEventPublisher:
                     self.seq += 1
         finally:
             socket.close()
+            if authenticator is not None:
+                authenticator.stop()
             context.term()
 
     def _next_batch(self) -> tuple[list[KVEvent], bool]:

@@ -24,6 +24,10 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 30000
     kv_events_endpoint: str | None = None  # e.g. "tcp://127.0.0.1:5557"; None = no KV events
+    kv_events_token_ids: bool = False  # put prompt token ids in BlockStored (they reveal prompt text)
+    kv_events_allow_remote: bool = False  # bind a non-loopback endpoint without CURVE
+    kv_events_curve_secret_key_file: str | None = None  # encrypt with CURVE (this server's secret key)
+    kv_events_curve_clients_dir: str | None = None  # with CURVE: only these client keys may subscribe
     shutdown_grace_s: float = 30.0  # in-flight requests get this long to finish on shutdown
     health_generate_timeout_s: float = 20.0
 

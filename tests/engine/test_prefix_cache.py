@@ -39,6 +39,7 @@ def check_tree(cache: PrefixCache) -> None:
     assert len(all_pages) == cache.num_pages
     assert not any(cache.pool._is_free[p] for p in all_pages), "the tree owns a free page"
     assert cache.evictable_pages == sum(len(n.pages) for n in nodes(cache) if n.lock_ref == 0)
+    assert all(root.children for salt, root in cache.roots.items() if salt), "an empty salted root"
     for n in nodes(cache):
         assert n.key and len(n.key) == len(n.pages) * PS
         assert n.parent is not None and n.parent.children[tuple(n.key[:PS])] is n
@@ -287,7 +288,8 @@ def test_namespaces_never_share_pages_and_hash_from_their_own_root() -> None:
 
     cache = PrefixCache(PagePool(16), PS, hasher, Listener(), namespace_hash=seeds.__getitem__)
     pages, node = cache.insert(toks(1, 2), cache.pool.alloc(2), "a")
-    assert cache.match_prefix(toks(1, 2, 3), "b") == ([], cache.roots["b"])
+    pages_b, node_b = cache.match_prefix(toks(1, 2, 3), "b")
+    assert pages_b == [] and node_b.parent is None and "b" not in cache.roots  # a lookup creates nothing
     assert cache.match_prefix(toks(1, 2, 3))[0] == []  # nor the unsalted namespace
     assert cache.match_prefix(toks(1, 2, 3), "a")[0] == pages
     cache.insert(toks(1, 2), cache.pool.alloc(2), "b")
@@ -295,6 +297,7 @@ def test_namespaces_never_share_pages_and_hash_from_their_own_root() -> None:
     assert stored[0][1] != stored[1][1]
     cache.lock(node)
     assert cache.evict(10) == 2  # only b's pages: a's path is locked
+    assert list(cache.roots) == ["", "a"]  # b's root went with its last page
     check_tree(cache)
     cache.unlock(node)
     cache.reset()

@@ -67,3 +67,30 @@ def test_seeded_requests_are_reproducible_whatever_shares_their_batch() -> None:
 def test_invalid_parameters_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_temperatures_below_the_epsilon_are_greedy() -> None:
+    for temperature in (0.0, 5e-324, 1e-300, 9.9e-6):
+        assert SamplingParams(temperature=temperature).greedy
+    assert not SamplingParams(temperature=1e-5).greedy
+
+
+@pytest.mark.parametrize("bad", [dict(seed=2**63), dict(seed=-(2**63) - 1), dict(temperature=float("nan"))])
+def test_values_the_sampler_cannot_take_are_refused(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_a_row_whose_sampling_raises_yields_its_exception_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    sampler = Sampler(torch.device("cpu"))
+    real = sampler._sample_row
+
+    def sample_row(logits, params, request_id):
+        if request_id == "bad":
+            raise RuntimeError("boom")
+        return real(logits, params, request_id)
+
+    monkeypatch.setattr(sampler, "_sample_row", sample_row)
+    params = [SamplingParams(temperature=1.0, seed=1)] * 3
+    out = sampler.sample(LOGITS.expand(3, -1), params, ["a", "bad", "c"])
+    assert isinstance(out[1], RuntimeError) and isinstance(out[0], int) and isinstance(out[2], int)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cache.api.errors import ApiError
-from cache.api.requests import ServingLimits, parse_request
+from cache.api.requests import ServingLimits, parse_json, parse_request
 from cache.prompt.chat import chat_prompt_ids
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"}]
@@ -73,3 +73,73 @@ def test_the_gateway_leaves_engine_only_limits_to_the_upstream(smollm2_tokenizer
     gateway = ServingLimits(vocab_size=smollm2_tokenizer.vocab_size)
     body = {"messages": MESSAGES, "n": 2, "logprobs": True, "tools": [{"type": "function"}]}
     assert parse_request("chat", body, smollm2_tokenizer, gateway).prompt_ids
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param"),
+    [
+        ("chat", {"messages": MESSAGES, "seed": 2**63}, "seed"),
+        ("generate", {"text": "a", "sampling_params": {"sampling_seed": -(2**63) - 1}}, "sampling_seed"),
+        ("chat", {"messages": MESSAGES, "temperature": 10**400}, "temperature"),
+        ("chat", {"messages": MESSAGES, "presence_penalty": -(10**400)}, "presence_penalty"),
+        ("chat", {"messages": MESSAGES, "stop": ["s"] * 17}, "stop"),
+        ("chat", {"messages": MESSAGES, "stop": ["s" * 1025]}, "stop"),
+        ("chat", {"messages": MESSAGES, "stop_token_ids": [1] * 257}, "stop_token_ids"),
+        ("chat", {"messages": MESSAGES, "stop_token_ids": {}}, "stop_token_ids"),
+        ("chat", {"messages": MESSAGES, "stop_token_ids": [-1]}, "stop_token_ids"),
+        ("chat", {"messages": MESSAGES, "cache_salt": "s" * 257}, "cache_salt"),
+        ("chat", {"messages": MESSAGES, "max_tokens": 60}, "max_tokens"),  # prompt + 60 > 64
+        ("chat", {"messages": MESSAGES, "max_completion_tokens": 10**30}, "max_completion_tokens"),
+        ("generate", {"text": "a", "sampling_params": {"max_new_tokens": 64}}, "max_new_tokens"),
+        ("generate", {"text": "a", "rid": "r" * 257}, "rid"),
+        ("chat", {"messages": MESSAGES, "logit_bias": {"1": 5}}, "logit_bias"),
+        ("chat", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
+        ("completions", {"prompt": "a", "min_p": 0.1}, "min_p"),
+        ("generate", {"text": "a", "sampling_params": {"repetition_penalty": 1.1}}, "repetition_penalty"),
+        ("chat", {"messages": [{"role": "user<|im_end|>", "content": "x"}]}, "messages"),
+    ],
+)
+def test_values_vllm_or_openai_refuse_are_400s(smollm2_tokenizer, limits, kind, body, param) -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_request(kind, body, smollm2_tokenizer, limits)
+    assert refused.value.status == 400 and refused.value.param == param
+
+
+def test_sound_extremes_are_accepted(smollm2_tokenizer, limits) -> None:
+    body = {"messages": MESSAGES, "temperature": 1e-300, "top_k": 10**30, "seed": -(2**63), "top_p": 1e-300}
+    sampling = parse_request("chat", body, smollm2_tokenizer, limits).sampling
+    assert sampling.greedy  # below vLLM's 1e-5, as vLLM does: no division by ~0
+    assert parse_request(
+        "chat", {"messages": MESSAGES, "response_format": {"type": "text"}}, smollm2_tokenizer, limits
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[" * 100_000,
+        b'{"a":' * 100_000,
+        b'{"n": 1' + b"0" * 5000 + b"}",
+        b'{"prompt": "\\ud800"}',
+        b'{"prompt": "ok", "stop": ["\\uDFFF"]}',
+        b"\xff",
+        b"[]",
+    ],
+    ids=[
+        "deep_array",
+        "deep_object",
+        "huge_int",
+        "lone_surrogate",
+        "lone_low_surrogate",
+        "not_utf8",
+        "not_object",
+    ],
+)
+def test_hostile_json_is_a_400(raw: bytes) -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_json(raw)
+    assert refused.value.status == 400
+
+
+def test_escaped_surrogate_pairs_are_valid_text() -> None:
+    assert parse_json(b'{"prompt": "\\ud83d\\ude80 \\\\ud800"}') == {"prompt": "\U0001f680 \\ud800"}
