@@ -9,6 +9,7 @@ SHA-256 truncated to a signed int64); the namer treats those hashes as opaque id
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import time
 from pathlib import Path
@@ -122,6 +123,7 @@ class SglangFeed:
 
     def close(self) -> None:
         self.publisher.shutdown()
+        atexit.unregister(self.publisher.shutdown)  # it registers itself; a second shutdown only warns
         self.sub.close(linger=0)
         self.context.term()
 
