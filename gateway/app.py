@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
@@ -37,3 +38,13 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer | None = None) -> web
     app.router.add_post("/admin/policy", handlers.set_policy)
     app.router.add_post("/flush_cache", handlers.flush_cache)
     return app
+
+
+def server_options(config: GatewayConfig) -> dict[str, Any]:
+    """aiohttp server settings for the gateway (``web.run_app`` and ``web.AppRunner`` keywords).
+
+    ``keepalive_timeout`` also bounds how long a new connection may take to send its request headers
+    (aiohttp arms it when the connection opens and closes an idle one when it fires): a client that
+    trickles its headers is cut off after ``client_timeout_s``; its body is bounded by the handler.
+    """
+    return {"keepalive_timeout": config.client_timeout_s}

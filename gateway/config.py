@@ -70,17 +70,35 @@ class GatewayConfig:
     ingest_kv_events: bool = field(  # off: the index learns from approximate routing inserts only
         default=True, metadata={"help": "do not subscribe to workers' KV events", "flag": "--no-kv-events"}
     )
+    kv_events_curve_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "this gateway's CURVE secret certificate (zmq.auth .key_secret) for workers that encrypt "
+            "KV events and list their clients; default: a fresh key per connection",
+            "metavar": "FILE",
+        },
+    )
     api_keys: dict[str, Tenant] = field(default_factory=dict)  # empty = no auth, one default tenant
     admin_key: str | None = None  # admin routes are disabled without one; never a flag (ps shows flags)
+    metrics_key: str | None = None  # read-only key for /stats and /metrics (env, never a flag)
     allowed_worker_urls: tuple[str, ...] = field(
         default=("http://127.0.0.1:", "http://localhost:", "http://[::1]:"),
         metadata={
-            "help": "URL prefix admins may attach (default: loopback only)",
+            "help": "scheme://host[:port] admins may attach (no port: any port; default: loopback only)",
             "flag": "--allow-worker-url",
-            "metavar": "PREFIX",
+            "metavar": "ORIGIN",
         },
     )
     max_body_bytes: int = 8 * 2**20
+    max_context_tokens: int | None = field(
+        default=None,
+        metadata={"help": "cap on prompt tokens (default: the smallest context_length the workers report)"},
+    )
+    max_upstream_body_bytes: int = 64 * 2**20  # a non-streamed answer larger than this is a worker failure
+    client_timeout_s: float = field(
+        default=60.0,
+        metadata={"help": "seconds a client may take to send its headers, or its body (slowloris guard)"},
+    )
     connect_timeout_s: float = 5.0
     first_byte_timeout_s: float = 300.0  # a long prefill queue can take a while
     read_timeout_s: float = 120.0  # between two chunks of a stream

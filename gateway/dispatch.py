@@ -1,13 +1,24 @@
 """The request pipeline after parsing: choose a worker -> forward -> retry on another -> record -> routed.
 
-Which outcomes count against a worker (its circuit breaker): refused, reset, timed out or 5xx before the
-first byte (the request is then retried on a worker not tried yet, up to ``max_retries`` times), and a
-stream it broke off. Never: a 4xx (the request's fault, relayed as is) or a client that went away (a
-cancelled handler, or ``Relayed.client_gone``); such requests are not recorded at all.
+Which outcomes count against a worker (its circuit breaker):
+* a broken transport (refused, reset, timed out, a redirect, an unreadable answer) before the first byte,
+  and a stream it broke off: at once;
+* an HTTP 5xx before the first byte: only once another worker has served the same request, which proves
+  the request was sound. A request that gets a 5xx from every worker tried is taken to be what failed
+  (hostile parameters, a poison prompt) and is charged to nobody, so a few such requests can never open
+  every worker's circuit; a worker that fails everything is caught by its health check instead.
+Never: a 4xx (the request's fault, relayed as is) or a client that went away (a cancelled handler, or
+``Relayed.client_gone``); such requests are recorded with status 499, as nginx does.
+
+The prompt's blocks are claimed in the index only once a worker has accepted the request (a 2xx status,
+``UpstreamCall.on_accepted``), so rejected requests never evict real entries.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import time
 from typing import Any
 
@@ -16,20 +27,24 @@ from aiohttp import web
 
 from cache.api.errors import ApiError
 from cache.api.replies import Usage
-from gateway.metrics import GatewayMetrics, RequestRecord
+from gateway.metrics import CLIENT_CLOSED, GatewayMetrics, RequestRecord
 from gateway.policies import Decision
 from gateway.proxy import Proxy, Relayed, UpstreamCall, UpstreamFailed
 from gateway.router import PreparedRequest, Router
-from gateway.workers import WorkerPool
+from gateway.workers import Worker, WorkerPool
+
+log = logging.getLogger(__name__)
 
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "generate": "/generate"}
 
 
 def upstream_body(req: PreparedRequest) -> tuple[bytes, bool]:
     """The body to send upstream, and whether the gateway asked for a usage chunk the client did not
-    (so the proxy strips it). The tenant's salt goes as vLLM's ``cache_salt``: the worker keys its
-    prefix cache by it, as the gateway's hashes do."""
+    (so the proxy strips it). ``cache_salt`` is always the gateway's: the tenant's derived salt (vLLM's
+    field; the worker keys its prefix cache by it, as the gateway's hashes do), or absent when the tenant
+    has none. A client's own ``cache_salt`` never reaches a worker."""
     body: dict[str, Any] = dict(req.body)
+    body.pop("cache_salt", None)
     if req.tenant.salt:
         body["cache_salt"] = req.tenant.salt
     ask_usage = req.stream and req.kind != "generate"  # usage carries cached_tokens, for the hit rate
@@ -48,40 +63,63 @@ class Dispatcher:
     async def dispatch(self, request: web.Request, req: PreparedRequest) -> web.StreamResponse:
         body, strip_usage = upstream_body(req)
         tried: set[str] = set()
+        answered_5xx: list[Worker] = []  # charged only if another worker serves the request
         last_error = "no worker answered"
-        for attempt in range(self.max_retries + 1):
-            decision = await self.router.choose(req, exclude=tried)
-            worker = decision.worker
-            call = UpstreamCall(
-                url=worker.url + PATHS[req.kind],
-                body=body,
-                request_id=req.request_id,
-                received=req.received,
-                strip_usage=strip_usage,
-                cumulative_text=req.kind == "generate",
-            )
-            try:
-                with self.pool.dispatch(worker):
-                    relayed = await self.proxy.forward(request, call)
-            except UpstreamFailed as exc:
-                self.pool.record_failure(worker)
-                tried.add(worker.worker_id)
-                last_error = f"worker {worker.worker_id}: {exc}"
-                if attempt < self.max_retries and len(tried) < len(self.pool.workers):
-                    self.metrics.retries.inc()
-                    continue
-                break
-            if relayed.worker_failed:
-                self.pool.record_failure(worker)
-            else:
-                self.pool.record_success(worker)
-            if relayed.client_gone:
+        decision: Decision | None = None
+        recorded = False
+        try:
+            for attempt in range(self.max_retries + 1):
+                decision = await self.router.choose(req, exclude=tried)
+                worker = decision.worker
+                call = UpstreamCall(
+                    url=worker.url + PATHS[req.kind],
+                    body=body,
+                    request_id=req.request_id,
+                    received=req.received,
+                    strip_usage=strip_usage,
+                    cumulative_text=req.kind == "generate",
+                    on_accepted=functools.partial(self.router.claim, req, worker),
+                )
+                try:
+                    with self.pool.dispatch(worker):
+                        relayed = await self.proxy.forward(request, call)
+                except UpstreamFailed as exc:
+                    if exc.answered:
+                        answered_5xx.append(worker)
+                    else:
+                        self.pool.record_failure(worker)
+                    tried.add(worker.worker_id)
+                    last_error = str(exc)
+                    log.warning("request %s: worker %s failed: %s", req.request_id, worker.worker_id, exc)
+                    if attempt < self.max_retries and len(tried) < len(self.pool.workers):
+                        self.metrics.retries.inc()
+                        continue
+                    break
+                for suspect in answered_5xx:  # this worker served it: theirs was a worker failure
+                    self.pool.record_failure(suspect)
+                if relayed.worker_failed:
+                    self.pool.record_failure(worker)
+                else:
+                    self.pool.record_success(worker)
+                if relayed.client_gone:
+                    relayed.status, relayed.error = CLIENT_CLOSED, "the client went away"
+                self._record(req, decision, relayed)
+                recorded = True
+                if relayed.status < 400:
+                    await self.router.routed(req, worker, relayed.text)
                 return relayed.response
-            self._record(req, decision, relayed)
-            if relayed.status < 400:
-                await self.router.routed(req, worker, relayed.text)
-            return relayed.response
-        raise ApiError(502, f"the request failed on every worker tried ({last_error})")
+        except asyncio.CancelledError:  # the client went away (handler cancellation)
+            if decision is not None and not recorded:
+                self._record(
+                    req, decision, Relayed(web.Response(), CLIENT_CLOSED, error="the client went away")
+                )
+            raise
+        if answered_5xx and len(answered_5xx) == len(tried):
+            log.warning(
+                "request %s failed with HTTP 5xx on every worker tried: charged to the request, not to them",
+                req.request_id,
+            )
+        raise ApiError(502, f"the request failed on every worker tried (last: {last_error})")
 
     def _record(self, req: PreparedRequest, decision: Decision, relayed: Relayed) -> None:
         usage = relayed.usage or Usage()

@@ -2,25 +2,59 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 import uuid
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cache.api.errors import ApiError
-from cache.api.requests import Kind, parse_request, read_json
+from cache.api.requests import GenerationRequest, Kind, ServingLimits, parse_request, read_json
 from cache.index.ops import ClearedOp
 from gateway.policies import POLICIES
+from gateway.prompt_bounds import min_prompt_tokens
 from gateway.router import PreparedRequest
 from gateway.state import STATE, GatewayState
-from gateway.tenancy import authenticate, require_admin
+from gateway.tenancy import authenticate, require_admin, require_observer
+from gateway.worker_urls import check_worker_url
+
+
+async def _read_body(request: web.Request, timeout_s: float) -> dict[str, Any]:
+    """The JSON body, or a 408 for a client that trickles it (headers are bounded by the server's
+    ``keepalive_timeout``, see ``gateway.app.server_options``)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await read_json(request)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:.0f} s") from None
+
+
+async def _parse(state: GatewayState, kind: Kind, body: dict[str, Any]) -> GenerationRequest:
+    """``parse_request`` against the workers' context, off the event loop (tokenizing a long prompt takes
+    seconds; the ``Tokenizer`` is immutable and shared by the pool's threads). A prompt that cannot fit
+    whatever it tokenizes to is refused first, without tokenizing it."""
+    context = state.context_limit(kind)
+    if context is not None:
+        at_least = min_prompt_tokens(kind, body, state.bytes_per_token)
+        if at_least >= context:
+            raise ApiError(
+                400,
+                f"the prompt has at least {at_least} tokens; this model's context is {context} tokens",
+                param="messages" if kind == "chat" else "prompt" if kind == "completions" else "text",
+                code="context_length_exceeded",
+            )
+    limits = ServingLimits(vocab_size=state.tokenizer.vocab_size, max_model_len=context)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(state.tokenize_pool, parse_request, kind, body, state.tokenizer, limits)
 
 
 async def _proxied(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[STATE]
     tenant = authenticate(request, state.config.api_keys)
-    body = await read_json(request)
+    body = await _read_body(request, state.config.client_timeout_s)
     served = state.served_models()
     model = body.get("model")
     if kind != "generate":
@@ -35,9 +69,9 @@ async def _proxied(request: web.Request, kind: Kind) -> web.StreamResponse:
                 param="model",
                 code="model_not_found",
             )
-    # state.limits leaves engine_features off: n > 1, tools and logprobs go to the upstream, which
+    # The gateway's limits leave engine_features off: n > 1, tools and logprobs go to the upstream, which
     # accepts or refuses them; the worker checks the body again with its own limits.
-    parsed = parse_request(kind, body, state.tokenizer, state.limits)
+    parsed = await _parse(state, kind, body)
     session_id = body.get("prompt_cache_key") or body.get("user") or request.headers.get("X-Session-ID")
     if session_id is not None and not isinstance(session_id, str):
         raise ApiError(400, "'prompt_cache_key' and 'user' must be strings", param="user")
@@ -90,8 +124,15 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if available else 503)
 
 
-async def metrics(request: web.Request) -> web.Response:
+def _observer(request: web.Request) -> GatewayState:
     state = request.app[STATE]
+    cfg = state.config
+    require_observer(request, cfg.api_keys, cfg.admin_key, cfg.metrics_key)
+    return state
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = _observer(request)
     state.refresh_gauges()
     return web.Response(
         body=generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
@@ -99,12 +140,15 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
+    state = _observer(request)
     since = request.query.get("since")
     try:
         since_t = float(since) if since is not None else None
     except ValueError:
         raise ApiError(400, f"'since' must be a unix time in seconds, got {since!r}", param="since") from None
-    return web.json_response(await request.app[STATE].stats(since_t))
+    if since_t is not None and not math.isfinite(since_t):
+        raise ApiError(400, "'since' must be a finite unix time", param="since")
+    return web.json_response(await state.stats(since_t))
 
 
 # -- admin -------------------------------------------------------------------------------------------
@@ -121,10 +165,7 @@ async def list_workers(request: web.Request) -> web.Response:
 
 async def add_worker(request: web.Request) -> web.Response:
     state = _admin(request)
-    url = (await read_json(request)).get("url")
-    if not isinstance(url, str) or not url.startswith(state.config.allowed_worker_urls):
-        allowed = ", ".join(state.config.allowed_worker_urls)
-        raise ApiError(403, f"worker URL not allowed; allowed prefixes: {allowed}", param="url")
+    url = check_worker_url((await read_json(request)).get("url"), state.config.allowed_worker_urls)
     worker = await state.add_worker(url)
     return web.json_response(worker.describe(), status=201 if worker.healthy else 202)
 

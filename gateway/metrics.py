@@ -22,6 +22,7 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
 # The bucket bounds /stats and the cluster counters use for TTFT and TPOT (same as the histograms).
 HISTOGRAM_BOUNDS = {"ttft": _LATENCY_BUCKETS, "tpot": TOKEN_BUCKETS}
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer ended
 
 
 @dataclass
@@ -119,6 +120,19 @@ class GatewayMetrics:
         self.store_degraded = Gauge(
             "prefixgate_store_degraded", "1 while the shared store is unreachable", registry=r
         )
+        self.store_errors = Counter(
+            "prefixgate_store_errors",
+            "Shared-store content that failed validation (bad log entries, corrupt snapshots, bad values)",
+            ["kind"],
+            registry=r,
+        )
+        self._store_errors_seen: dict[str, int] = {}
+        self.kv_event_errors = Counter(
+            "prefixgate_kv_event_errors",
+            "KV event messages skipped as malformed, and consumer restarts, per worker",
+            ["worker", "reason"],
+            registry=r,
+        )
         self.recent: deque[RequestRecord] = deque(maxlen=recent)
         self.totals: Tally[str] = Tally()
         self.reasons: Tally[str] = Tally()
@@ -132,6 +146,13 @@ class GatewayMetrics:
         seen = self._index_evictions_seen if stats.evictions >= self._index_evictions_seen else 0
         self.index_evictions.inc(stats.evictions - seen)
         self._index_evictions_seen = stats.evictions
+
+    def observe_store_errors(self, counts: Mapping[str, int]) -> None:
+        """``counts``: the store's own cumulative error counts by kind (a new store restarts at 0)."""
+        for kind, count in counts.items():
+            seen = self._store_errors_seen.get(kind, 0)
+            self.store_errors.labels(kind).inc(count - seen if count >= seen else count)
+            self._store_errors_seen[kind] = count
 
     def record(self, rec: RequestRecord, inter_token_s: Sequence[float] = ()) -> None:
         self.recent.append(rec)
@@ -147,7 +168,8 @@ class GatewayMetrics:
         for gap in inter_token_s:
             self.itl.observe(gap)
         t["requests"] += 1
-        t["errors"] += rec.status >= 400
+        t["cancelled"] += rec.status == CLIENT_CLOSED
+        t["errors"] += rec.status >= 400 and rec.status != CLIENT_CLOSED
         if rec.status < 400:
             t["prompt_tokens"] += rec.prompt_tokens
             t["predicted_cached_tokens"] += rec.predicted_cached_tokens
@@ -173,6 +195,7 @@ class GatewayMetrics:
         return {
             "requests": t["requests"],
             "errors": t["errors"],
+            "cancelled": t["cancelled"],  # status 499: the client went away
             "prompt_tokens": prompt,
             "completion_tokens": t["completion_tokens"],
             "cached_tokens": t["cached_tokens"],

@@ -1,7 +1,13 @@
 """Move one request's bytes to one worker and its answer back to the client, streaming or not.
 
-- ``UpstreamFailed`` means nothing reached the client yet (refused, reset, timed out, 5xx, a stream that
-  closed empty): the caller may send the request to another worker.
+- ``UpstreamFailed`` means nothing reached the client yet (refused, reset, timed out, 5xx, a redirect, an
+  answer that is not what the API says, a stream that closed empty): the caller may send the request to
+  another worker. ``UpstreamFailed.answered`` tells an HTTP 5xx (the worker is up; the request may be
+  what failed) from a transport failure.
+- Workers are not trusted: redirects are never followed (a 3xx is a failure, the body is never re-POSTed
+  elsewhere), a non-streamed answer is read up to ``max_body_bytes``, a 2xx must be JSON or SSE, a 4xx
+  reaches the client as an OpenAI error body, a 5xx body never reaches it (it may hold internals: it is
+  logged), and a stream line that is too long or not JSON ends the stream with an error event.
 - Streams pass through line by line with backpressure (each write waits for the client to drain).
 - On the way through it reads usage, text and time to first text (``cache.api.replies``), and drops the
   usage-only chunk when the gateway asked for it on the client's behalf (``strip_usage``).
@@ -15,15 +21,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from cache.api.errors import ApiError
+from cache.api.errors import ApiError, error_body
 from cache.api.replies import (
     DONE,
     BadChunk,
@@ -38,11 +46,19 @@ from cache.api.replies import (
 )
 from cache.api.sse import send_error_and_done
 
+log = logging.getLogger(__name__)
+
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
 class UpstreamFailed(Exception):
-    """The worker failed before anything reached the client: another worker may take the request."""
+    """The worker failed before anything reached the client: another worker may take the request.
+    ``answered``: it answered with an HTTP 5xx (alive; maybe this request's fault), not a broken transport.
+    The message is for logs and the gateway's own records, never the worker's body."""
+
+    def __init__(self, message: str, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,8 @@ class UpstreamCall:
     received: float  # perf_counter when the gateway got the request: TTFT counts from here
     strip_usage: bool = False  # drop the usage-only chunk: the gateway asked for it, the client did not
     cumulative_text: bool = False  # each chunk carries the whole answer so far (SGLang /generate)
+    # Awaited once the worker has accepted the request (a 2xx status), before any byte is relayed.
+    on_accepted: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -66,7 +84,7 @@ class Relayed:
     ttft_s: float | None = None
     inter_token_s: list[float] = field(default_factory=list)  # between consecutive chunks with text
     error: str | None = None
-    worker_failed: bool = False  # the worker broke off a stream it had started
+    worker_failed: bool = False  # the worker broke off (or garbled) a stream it had started
     client_gone: bool = False  # the client stopped reading before the end
 
 
@@ -75,8 +93,10 @@ class _ClientGone(Exception):
 
 
 class Proxy:
-    def __init__(self, session: aiohttp.ClientSession, timeouts: aiohttp.ClientTimeout) -> None:
-        self.session, self.timeouts = session, timeouts
+    def __init__(
+        self, session: aiohttp.ClientSession, timeouts: aiohttp.ClientTimeout, max_body_bytes: int
+    ) -> None:
+        self.session, self.timeouts, self.max_body_bytes = session, timeouts, max_body_bytes
 
     async def forward(self, request: web.Request, call: UpstreamCall) -> Relayed:
         """POST ``call`` upstream and relay the answer to ``request``'s client; raises ``UpstreamFailed``
@@ -84,42 +104,86 @@ class Proxy:
         headers = {"Content-Type": "application/json", "X-Request-ID": call.request_id}
         try:
             upstream = await self.session.post(
-                call.url, data=call.body, headers=headers, timeout=self.timeouts
+                call.url, data=call.body, headers=headers, timeout=self.timeouts, allow_redirects=False
             )
         except UPSTREAM_ERRORS as exc:
             raise UpstreamFailed(type(exc).__name__) from exc
         try:
             if upstream.status >= 500:
-                raise UpstreamFailed(f"HTTP {upstream.status}: {await _error_detail(upstream)}")
-            is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-            if upstream.status >= 400 or not is_sse:
-                return await _relay_body(upstream)
-            return await _relay_stream(request, call, upstream)
+                detail = await self._read(upstream, 200, truncate=True)
+                log.warning("%s answered HTTP %d: %r", call.url, upstream.status, detail)
+                raise UpstreamFailed(f"HTTP {upstream.status}", answered=True)
+            if 300 <= upstream.status < 400:
+                raise UpstreamFailed(f"HTTP {upstream.status} redirect (never followed)")
+            ctype = upstream.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if upstream.status >= 400:
+                return Relayed(_client_error(upstream.status, await self._read(upstream)), upstream.status)
+            if ctype == "text/event-stream":
+                if call.on_accepted is not None:
+                    await call.on_accepted()
+                return await _relay_stream(request, call, upstream)
+            relayed = _reply(upstream.status, await self._read(upstream))
+            if call.on_accepted is not None:
+                await call.on_accepted()
+            return relayed
         finally:
             upstream.release()  # closes the connection if the body was not read to the end
 
-
-async def _error_detail(upstream: aiohttp.ClientResponse) -> str:
-    try:
-        return (await upstream.read())[:200].decode(errors="replace")
-    except UPSTREAM_ERRORS as exc:
-        return f"(body unreadable: {type(exc).__name__})"
-
-
-async def _relay_body(upstream: aiohttp.ClientResponse) -> Relayed:
-    try:
-        raw = await upstream.read()
-    except UPSTREAM_ERRORS as exc:
-        raise UpstreamFailed(f"failed while reading the answer: {type(exc).__name__}") from exc
-    ctype = upstream.headers.get("Content-Type", "application/json").split(";")[0]
-    relayed = Relayed(web.Response(body=raw, status=upstream.status, content_type=ctype), upstream.status)
-    if upstream.status < 400:
+    async def _read(self, upstream: aiohttp.ClientResponse, limit: int = 0, truncate: bool = False) -> bytes:
+        """The body, up to ``limit`` (default ``max_body_bytes``); longer is an ``UpstreamFailed`` unless
+        ``truncate``. A body that breaks off is one too."""
+        limit = limit or self.max_body_bytes
         try:
-            reply = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            reply = None
-        if isinstance(reply, dict):
-            relayed.usage, relayed.text = reply_usage(reply), reply_text(reply)
+            raw = await read_capped(upstream.content, limit + 1)
+        except UPSTREAM_ERRORS as exc:
+            if truncate:
+                return b""
+            raise UpstreamFailed(f"failed while reading the answer: {type(exc).__name__}") from exc
+        if len(raw) > limit and not truncate:
+            raise UpstreamFailed(f"answer larger than {limit} bytes")
+        return raw[:limit]
+
+
+async def read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """At most ``limit`` bytes of a body: until its end, or until ``limit`` (``read(n)`` alone returns
+    whatever has arrived, which may be a fraction of the body)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _client_error(status: int, raw: bytes) -> web.Response:
+    """A worker's 4xx for the client: its OpenAI error body if it sent one, else one of ours (never its
+    HTML or other text)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        fields = {k: error.get(k) for k in ("message", "type", "param", "code")}
+        return web.json_response({"error": fields}, status=status)
+    return web.json_response(
+        error_body(status, f"the worker refused the request (HTTP {status})"), status=status
+    )
+
+
+def _reply(status: int, raw: bytes) -> Relayed:
+    """A non-streamed 2xx answer: a JSON object, or ``UpstreamFailed``."""
+    try:
+        reply = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise UpstreamFailed("answered something that is not a JSON object")
+    relayed = Relayed(web.Response(body=raw, status=status, content_type="application/json"), status)
+    relayed.usage, relayed.text = reply_usage(reply), reply_text(reply)
     return relayed
 
 
@@ -135,12 +199,18 @@ async def _relay_stream(
         while True:
             try:
                 line = await upstream.content.readline()
-            except UPSTREAM_ERRORS as exc:
+                chunk = _chunk(line)
+            except (
+                *UPSTREAM_ERRORS,
+                HttpProcessingError,
+                ValueError,
+            ) as exc:  # a line past the limit, BadChunk
+                failure = f"{type(exc).__name__}: {exc}" if isinstance(exc, BadChunk) else type(exc).__name__
                 if not started:
-                    raise UpstreamFailed(type(exc).__name__) from exc
+                    raise UpstreamFailed(failure) from exc
                 relayed.status, relayed.worker_failed = 502, True
-                relayed.error = f"worker failed mid-stream: {type(exc).__name__}"
-                message = f"the worker failed mid-stream ({type(exc).__name__}); the answer is incomplete"
+                relayed.error = f"worker failed mid-stream: {failure}"
+                message = "the worker failed mid-stream; the answer is incomplete"
                 await _to_client(send_error_and_done(response, ApiError(502, message)))
                 break
             if not line:
@@ -154,7 +224,6 @@ async def _relay_stream(
             if skip_blank and not line.strip():
                 skip_blank = False
                 continue  # the separator after a chunk we dropped
-            chunk = _chunk(line)
             if chunk is not None:
                 text = chunk_text(chunk)
                 if text:
@@ -180,14 +249,12 @@ async def _relay_stream(
 
 
 def _chunk(line: bytes) -> dict | None:
-    """The JSON object an SSE line carries, or None (separators, ``[DONE]``, anything unparsable)."""
+    """The JSON object an SSE ``data:`` line carries, or None (separators, comments, ``[DONE]``);
+    ``BadChunk`` for a data line that is not a JSON object (the client could not read it either)."""
     payload = sse_data(line)
     if not payload or payload == DONE:
         return None
-    try:
-        return parse_chunk(payload)
-    except BadChunk:
-        return None  # relayed as is: judging the worker's stream is the client's business
+    return parse_chunk(payload)
 
 
 async def _to_client(write: Awaitable[object]) -> None:

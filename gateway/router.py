@@ -6,6 +6,7 @@ gateway hashes exactly the tokens the worker will compute."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,12 +85,12 @@ class Router:
             route.pinned_worker = await self.shared.pinned_worker(self._session_key(req))
         decision = self.policy.choose(route, candidates)
         self.metrics.decision(self.policy.name, decision.reason, decision.worker.worker_id)
-        await self._claim(req, decision.worker)
         return decision
 
-    async def _claim(self, req: PreparedRequest, worker: Worker) -> None:
-        """Record at once that ``worker`` is about to hold this prompt's blocks (an expiring entry;
-        the worker's KV events confirm it, or the TTL drops it)."""
+    async def claim(self, req: PreparedRequest, worker: Worker) -> None:
+        """Record that ``worker`` is about to hold this prompt's blocks (an expiring entry; the worker's
+        KV events confirm it, or the TTL drops it). Called once the worker accepted the request, never
+        at routing time: a request the worker refuses must not evict real entries from the index."""
         hashes = req.hashes(worker.model_id or "", worker.page_size)
         if hashes:
             ttl = self.routing.in_flight_claim_ttl_s if worker.precise else self.routing.approx_ttl_s
@@ -103,7 +104,7 @@ class Router:
                 self._session_key(req), worker.worker_id, self.routing.session_ttl_s
             )
         if worker.precise or not reply_text:
-            return  # the prompt was claimed at routing time
+            return  # the prompt was claimed when the worker accepted it
         ids = req.prompt_ids + self.tokenizer.encode(reply_text)
         seed = namespace_seed(worker.model_id or "", req.tenant.salt)
         hashes = block_hashes(ids, worker.page_size, seed=seed)
@@ -113,4 +114,6 @@ class Router:
 
     @staticmethod
     def _session_key(req: PreparedRequest) -> str:
-        return f"{req.tenant.name}:{req.session_id}"  # tenants never share pins
+        """A fixed-size key whatever the client sent (64 hex chars); tenants never share pins."""
+        assert req.session_id is not None
+        return hashlib.sha256(f"{req.tenant.name}\0{req.session_id}".encode()).hexdigest()

@@ -8,12 +8,12 @@ import os
 
 from aiohttp import web
 
-from gateway.app import create_app
+from gateway.app import create_app, server_options
 from gateway.cli_config import add_config_arguments
 from gateway.cli_config import config_from_args as config_fields_from_args
 from gateway.config import GatewayConfig, RoutingConfig
 from gateway.policies import POLICIES
-from gateway.tenancy import load_api_keys
+from gateway.tenancy import METRICS_KEY_ENV, SALT_SECRET_ENV, load_api_keys, salt_secret
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser, workers_required: bool = True
         "--api-keys",
         default=None,
         metavar="FILE",
-        help='JSON {"<key>": {"tenant": "name", "salt": "..."}}; requests then need a key',
+        help='JSON {"<key>": {"tenant": "name", "salt": "..."}}; requests then need a key (salts are '
+        f"keyed with ${SALT_SECRET_ENV}; /stats and /metrics then need the admin key or ${METRICS_KEY_ENV})",
     )
     parser.add_argument(
         "--admin-key-env",
@@ -42,8 +43,11 @@ def config_from_args(args: argparse.Namespace, workers: list[str]) -> GatewayCon
         args,
         workers=tuple(workers),
         routing=config_fields_from_args(RoutingConfig, args),
-        api_keys=load_api_keys(args.api_keys) if args.api_keys else {},
+        api_keys=load_api_keys(args.api_keys, salt_secret(os.environ.get(SALT_SECRET_ENV)))
+        if args.api_keys
+        else {},
         admin_key=os.environ.get(args.admin_key_env) or None,  # never on the command line: ps shows it
+        metrics_key=os.environ.get(METRICS_KEY_ENV) or None,
     )
 
 
@@ -64,6 +68,7 @@ def serve_gateway(config: GatewayConfig) -> None:
         print=None,
         access_log=None,
         handler_cancellation=True,
+        **server_options(config),
     )
 
 

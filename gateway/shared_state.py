@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -18,14 +18,20 @@ import msgpack
 
 from cache.index.redis_store import RedisIndexStore
 
-MAX_LOCAL_PINS = 10_000  # beyond this, expired pins are swept (rather than on every call)
+MAX_LOCAL_PINS = 100_000  # the least recently pinned beyond this are dropped (a pin is ~200 bytes)
 
 
 class SharedState(ABC):
+    bad_values: int  # backend values skipped because they were not what this code writes
+
     """Registry, pins and counters. Implementations keep these invariants:
 
     * No method raises because a backend failed: each falls back to this replica's local copy.
     * ``pinned_worker`` never returns a pin older than the ``ttl_s`` it was set with.
+    * Memory is bounded whatever clients send: session keys are fixed-size digests (``Router``), the local
+      pin map holds at most ``max_pins`` (least recently pinned dropped first), and values read back
+      from the backend that are not what this code wrote (a non-integer counter, undecodable info)
+      are skipped and counted in ``bad_values``, never raised.
     * An ``incr`` is never lost: increments the backend missed are kept, included in ``counters``, and
       pushed when it is back, so every replica's ``counters`` converge on the sum of all increments.
     * Workers registered while the backend was away are registered there when it is back.
@@ -54,15 +60,22 @@ class SharedState(ABC):
     @abstractmethod
     async def counters(self) -> dict[str, int]: ...
 
+    @abstractmethod
+    def pin_count(self) -> int:
+        """Session pins held in this process (bounded by ``max_pins``)."""
+
 
 class LocalSharedState(SharedState):
     """One gateway: everything in process memory. Also ``RedisSharedState``'s fallback while degraded."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_pins: int = MAX_LOCAL_PINS) -> None:
         self._clock = clock
+        self._max_pins = max_pins
         self._workers: dict[str, dict[str, Any]] = {}
-        self._pins: dict[str, tuple[str, float]] = {}  # session -> (worker, expires_at on self._clock)
+        # session -> (worker, expires_at on self._clock), least recently pinned first
+        self._pins: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._counters: Counter[str] = Counter()
+        self.bad_values = 0
 
     async def register_worker(self, worker_id: str, info: dict[str, Any]) -> None:
         self._workers[worker_id] = dict(info)
@@ -74,10 +87,13 @@ class LocalSharedState(SharedState):
         return dict(self._workers)
 
     async def pin_session(self, session_id: str, worker_id: str, ttl_s: float) -> None:
-        now = self._clock()
-        if len(self._pins) > MAX_LOCAL_PINS:
-            self._pins = {s: pin for s, pin in self._pins.items() if pin[1] > now}
-        self._pins[session_id] = (worker_id, now + ttl_s)
+        self._pins[session_id] = (worker_id, self._clock() + ttl_s)
+        self._pins.move_to_end(session_id)
+        while len(self._pins) > self._max_pins:  # O(1) per pin: no sweep over the whole map
+            self._pins.popitem(last=False)
+
+    def pin_count(self) -> int:
+        return len(self._pins)
 
     async def pinned_worker(self, session_id: str) -> str | None:
         pin = self._pins.get(session_id)
@@ -102,6 +118,7 @@ class RedisSharedState(SharedState):
     def __init__(self, store: RedisIndexStore) -> None:
         self._store = store
         self._local = LocalSharedState()
+        self.bad_values = 0
         self._unpushed: Counter[str] = Counter()  # increments Redis has not acknowledged yet
         self._last_counters: dict[str, int] = {}  # Redis' counters as last read
         prefix = store.config.key_prefix
@@ -124,7 +141,17 @@ class RedisSharedState(SharedState):
         raw = await self._store.guard(self._store.client.hgetall(self._k_workers))
         if raw is None:
             return await self._local.workers()
-        return {_str(k): msgpack.unpackb(v) for k, v in raw.items()}
+        out = {}
+        for key, value in raw.items():
+            try:
+                info = msgpack.unpackb(value)
+            except Exception:  # msgpack raises several types; Redis content is not trusted
+                info = None
+            if isinstance(info, dict):
+                out[_str(key)] = info
+            else:
+                self.bad_values += 1
+        return out
 
     async def pin_session(self, session_id: str, worker_id: str, ttl_s: float) -> None:
         await self._local.pin_session(session_id, worker_id, ttl_s)  # the fallback while degraded
@@ -135,6 +162,9 @@ class RedisSharedState(SharedState):
         value = await self._store.guard(self._store.client.get(self._k_pin + session_id))
         return _str(value) if value is not None else await self._local.pinned_worker(session_id)
 
+    def pin_count(self) -> int:
+        return self._local.pin_count()
+
     async def incr(self, counter: str, amount: int = 1) -> None:
         await self._local.incr(counter, amount)
         if await self._store.guard(self._store.client.hincrby(self._k_counters, counter, amount)) is None:
@@ -143,7 +173,12 @@ class RedisSharedState(SharedState):
     async def counters(self) -> dict[str, int]:
         raw = await self._store.guard(self._store.client.hgetall(self._k_counters))
         if raw is not None:
-            self._last_counters = {_str(k): int(v) for k, v in raw.items()}
+            self._last_counters = {}
+            for key, value in raw.items():
+                try:
+                    self._last_counters[_str(key)] = int(value)
+                except ValueError:  # HINCRBY wrote every value we read: someone else wrote this one
+                    self.bad_values += 1
         merged = Counter(self._last_counters)
         merged.update(self._unpushed)
         return dict(merged)
@@ -162,4 +197,4 @@ class RedisSharedState(SharedState):
 
 
 def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    return value.decode(errors="replace") if isinstance(value, bytes) else value

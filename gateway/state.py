@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
+import zmq.auth
 from aiohttp import web
 
 from cache.api.requests import ServingLimits
@@ -24,6 +27,7 @@ from gateway.config import GatewayConfig
 from gateway.dashboard import Dashboard, drop_dashboard_counters
 from gateway.dispatch import Dispatcher
 from gateway.metrics import GatewayMetrics
+from gateway.prompt_bounds import bytes_per_token
 from gateway.proxy import Proxy
 from gateway.router import Router
 from gateway.shared_state import LocalSharedState, RedisSharedState, SharedState
@@ -70,6 +74,14 @@ class GatewayState:
         else:
             self.store, self.shared = LocalIndexStore(index_config), LocalSharedState()
         self._event_tasks: dict[str, asyncio.Task] = {}
+        self._curve_client_keys: tuple[bytes, bytes] | None = None
+        if config.kv_events_curve_key:
+            public, secret = zmq.auth.load_certificate(config.kv_events_curve_key)
+            if secret is None:
+                raise ValueError(
+                    f"{config.kv_events_curve_key}: no secret key in it (use the .key_secret file)"
+                )
+            self._curve_client_keys = (public, secret)
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()  # set at shutdown; the background loops check it
 
@@ -79,7 +91,12 @@ class GatewayState:
         self.tokenizer = self._preloaded_tokenizer or await asyncio.to_thread(
             Tokenizer.from_checkpoint_path, model_path(cfg.model)
         )
-        self.limits = ServingLimits(vocab_size=self.tokenizer.vocab_size)
+        self.limits = ServingLimits(vocab_size=self.tokenizer.vocab_size)  # without a context bound
+        self.bytes_per_token = bytes_per_token(self.tokenizer)
+        # Tokenizing takes seconds for long prompts: never on the event loop. One thread per core.
+        self.tokenize_pool = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 1, thread_name_prefix="tokenize"
+        )
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
         )
@@ -90,7 +107,7 @@ class GatewayState:
             sock_connect=cfg.connect_timeout_s,
             sock_read=max(cfg.first_byte_timeout_s, cfg.read_timeout_s),
         )
-        proxy = Proxy(self.session, timeouts)
+        proxy = Proxy(self.session, timeouts, cfg.max_upstream_body_bytes)
         self.dispatcher = Dispatcher(self.router, self.pool, proxy, self.metrics, cfg.max_retries)
         self.dashboard = Dashboard(
             self.metrics,
@@ -131,10 +148,20 @@ class GatewayState:
                 await self.dashboard.push()  # the cluster totals keep this replica's last second
             await self.store.close()
             await self.session.close()
+            self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- workers -------------------------------------------------------------------------------------
     def served_models(self) -> list[str]:
         return sorted({w.model_id for w in self.pool if w.model_id})
+
+    def context_limit(self, kind: str) -> int | None:
+        """The most tokens a prompt may have: the smallest context any worker that could take this kind
+        of request reports, capped by ``max_context_tokens``; None when nothing is known."""
+        workers = [w for w in self.pool.available() if kind != "generate" or w.native] or list(self.pool)
+        known = [w.context_length for w in workers if w.context_length]
+        if self.config.max_context_tokens:
+            known.append(self.config.max_context_tokens)
+        return min(known) if known else None
 
     async def add_worker(self, url: str) -> Worker:
         worker = await self.pool.add(url)
@@ -160,7 +187,13 @@ class GatewayState:
         ):
             return
         assert worker.kv_events_endpoint is not None
-        consumer = KVEventConsumer(WorkerFeed(worker.worker_id, worker.kv_events_endpoint), self._apply_ops)
+        feed = WorkerFeed(
+            worker.worker_id, worker.kv_events_endpoint, curve_server_key=worker.kv_events_curve_key
+        )
+        errors = self.metrics.kv_event_errors
+        consumer = KVEventConsumer(
+            feed, self._apply_ops, on_bad_message=lambda reason: errors.labels(feed.worker_id, reason).inc()
+        )
         self._event_tasks[worker.worker_id] = asyncio.create_task(
             consumer.run(), name=f"kv-events-{worker.url}"
         )
@@ -191,6 +224,11 @@ class GatewayState:
             m.index_blocks.labels(w.worker_id, "device").set(device)
             m.index_blocks.labels(w.worker_id, "host").set(host)
         m.store_degraded.set(0 if self.store.status == "healthy" else 1)
+        m.observe_store_errors(self.store_errors())
+
+    def store_errors(self) -> dict[str, int]:
+        """Shared-store content that failed validation, by kind (cumulative for this store)."""
+        return {**self.store.errors, "bad_shared_values": self.shared.bad_values}
 
     async def stats(self, since: float | None = None) -> dict:
         """``since``: also return the per-second history samples newer than this (0 = all of it)."""
@@ -199,11 +237,15 @@ class GatewayState:
         for w in self.pool:
             device, host = per_worker.get(w.worker_id, (0, 0))
             workers.append({**w.describe(), "index_device_blocks": device, "index_host_blocks": host})
+        shared_counters = drop_dashboard_counters(await self.shared.counters())
         out = {
             "policy": self.router.policy.name,
             "store": self.store.status,
+            "store_error": getattr(self.store, "last_error", None),
+            "store_errors": self.store_errors(),
+            "index": {"blocks": len(self.store.index), "session_pins": self.shared.pin_count()},
             "totals": self.metrics.summary(),
-            "shared_counters": drop_dashboard_counters(await self.shared.counters()),
+            "shared_counters": shared_counters,
             "workers": workers,
             "recent": self.metrics.recent_requests(),
             "replica": self.replica_id,

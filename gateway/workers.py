@@ -15,10 +15,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 
 from cache.wire.hashing import HASH_SCHEME
+from gateway.proxy import read_capped
 
 log = logging.getLogger(__name__)
+
+# Probes never follow redirects: a worker's 3xx is not an answer, and following one would make the gateway
+# fetch (or POST to) a URL no admin attached.
+_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
+_FLUSH_TIMEOUT = aiohttp.ClientTimeout(total=10)
+_MAX_PROBE_BYTES = 2**20  # a probe answer larger than this is not one
 
 
 @dataclass
@@ -28,7 +36,9 @@ class Worker:
     kind: str = "openai"  # "prefixgate" (our engine) | "sglang" (native API) | "openai" (plain upstream)
     model_id: str | None = None
     page_size: int = 16
+    context_length: int | None = None  # max tokens per sequence, as /get_server_info reports it
     kv_events_endpoint: str | None = None  # ZMQ PUB address when the worker publishes KV events
+    kv_events_curve_key: str | None = None  # the publisher's CURVE public key (Z85) when it encrypts
     healthy: bool = False
     in_flight: int = 0
     reported_load: int = 0  # running + waiting as the worker last reported it
@@ -70,6 +80,7 @@ class Worker:
             "load": self.load,
             "routed": self.routed,
             "kv_events": self.kv_events_endpoint,
+            "context_length": self.context_length,
             "consecutive_failures": self.consecutive_failures,
         }
 
@@ -101,11 +112,17 @@ class WorkerPool:
     async def probe(self, worker: Worker) -> None:
         """Detect what the worker speaks; marks it healthy if it answers at all."""
         info = await self._get_json(worker, "/get_server_info")
+        if not isinstance(info, dict):
+            info = None
         if info is not None:
             scheme = str(info.get("kv_block_hash", ""))
             worker.kind = "prefixgate" if scheme.startswith("prefixgate/") else "sglang"
-            worker.page_size = int(info.get("page_size") or worker.page_size)
-            worker.kv_events_endpoint = info.get("kv_events_endpoint") or None
+            worker.page_size = _positive_int(info.get("page_size")) or worker.page_size
+            worker.context_length = _positive_int(info.get("context_length"))
+            endpoint = info.get("kv_events_endpoint")
+            worker.kv_events_endpoint = endpoint if isinstance(endpoint, str) and endpoint else None
+            key = info.get("kv_events_curve_public_key")
+            worker.kv_events_curve_key = key if isinstance(key, str) and key else None
             if worker.kv_events_endpoint and scheme != HASH_SCHEME:
                 # Its block hashes would never equal the ones we compute: index what we route instead.
                 log.warning(
@@ -115,10 +132,17 @@ class WorkerPool:
                     HASH_SCHEME,
                 )
                 worker.kv_events_endpoint = None
-            worker.model_id = info.get("served_model_name") or worker.model_id
+            served = info.get("served_model_name")
+            worker.model_id = served if isinstance(served, str) and served else worker.model_id
         models = await self._get_json(worker, "/v1/models")
-        if models and models.get("data"):
-            worker.model_id = worker.model_id or models["data"][0].get("id")
+        data = models.get("data") if isinstance(models, dict) else None
+        if (
+            isinstance(data, list)
+            and data
+            and isinstance(data[0], dict)
+            and isinstance(data[0].get("id"), str)
+        ):
+            worker.model_id = worker.model_id or data[0]["id"]
         worker.healthy = info is not None or models is not None
         log.info(
             "worker %s: kind=%s model=%s events=%s",
@@ -135,7 +159,8 @@ class WorkerPool:
             if isinstance(load, list) and load:  # SGLang answers one entry per data-parallel rank
                 load = load[0]
             if isinstance(load, dict):
-                worker.reported_load = int(load.get("num_reqs", 0)) + int(load.get("num_waiting_reqs", 0))
+                running, waiting = load.get("num_reqs"), load.get("num_waiting_reqs")
+                worker.reported_load = (_positive_int(running) or 0) + (_positive_int(waiting) or 0)
                 worker.external_load = max(0, worker.reported_load - worker.in_flight)
         else:
             ok = await self._get_ok(worker, "/v1/models")
@@ -186,23 +211,35 @@ class WorkerPool:
     # -- helpers -------------------------------------------------------------------------------------
     async def _get_json(self, worker: Worker, path: str) -> dict | list | None:
         try:
-            async with self.session.get(worker.url + path, timeout=aiohttp.ClientTimeout(total=5)) as r:
+            async with self.session.get(
+                worker.url + path, timeout=_PROBE_TIMEOUT, allow_redirects=False
+            ) as r:
                 if r.status != 200:
                     return None
-                return await r.json(content_type=None)
+                raw = await read_capped(r.content, _MAX_PROBE_BYTES + 1)
+                return None if len(raw) > _MAX_PROBE_BYTES else orjson.loads(raw)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None
 
     async def _post_ok(self, worker: Worker, path: str) -> bool:
         try:
-            async with self.session.post(worker.url + path, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            async with self.session.post(
+                worker.url + path, timeout=_FLUSH_TIMEOUT, allow_redirects=False
+            ) as r:
                 return r.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
     async def _get_ok(self, worker: Worker, path: str) -> bool:
         try:
-            async with self.session.get(worker.url + path, timeout=aiohttp.ClientTimeout(total=5)) as r:
+            async with self.session.get(
+                worker.url + path, timeout=_PROBE_TIMEOUT, allow_redirects=False
+            ) as r:
                 return r.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
+
+
+def _positive_int(value: object) -> int | None:
+    """A worker-reported count, or None when it is not a positive integer (workers are not trusted)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

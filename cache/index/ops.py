@@ -13,6 +13,7 @@ expires_at]``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -103,22 +104,59 @@ def encode_op(op: IndexOp) -> bytes:
 
 
 def decode_op(data: bytes) -> IndexOp:
-    """Inverse of ``encode_op``. Raises ValueError on anything else."""
-    body = msgpack.unpackb(data, raw=False)
+    """Inverse of ``encode_op``. Raises ValueError on anything else, including well-formed msgpack with
+    the wrong types (the log is shared: one replica's bad entry must not break another's index, whose
+    snapshot packs every hash as a u64)."""
+    try:
+        body = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several types (ExtraData, FormatError, StackError, ...)
+        raise ValueError(f"index op is not msgpack: {exc}") from None
     if not isinstance(body, list) or not body:
         raise ValueError("index op must be a non-empty array")
     kind, rest = body[0], body[1:]
     try:
         if kind == "S":
-            return StoredOp(rest[0], rest[1], list(rest[2]), Tier(rest[3]))
+            return StoredOp(_worker(rest[0]), _parent(rest[1]), _hashes(rest[2]), Tier(rest[3]))
         if kind == "R":
-            return RemovedOp(rest[0], list(rest[1]), Tier(rest[2]))
+            return RemovedOp(_worker(rest[0]), _hashes(rest[1]), Tier(rest[2]))
         if kind == "C":
-            return ClearedOp(rest[0])
+            return ClearedOp(_worker(rest[0]))
         if kind == "G":
-            return WorkerGoneOp(rest[0])
+            return WorkerGoneOp(_worker(rest[0]))
         if kind == "A":
-            return ApproxOp(rest[0], rest[1], list(rest[2]), float(rest[3]))
+            return ApproxOp(_worker(rest[0]), _parent(rest[1]), _hashes(rest[2]), _expiry(rest[3]))
     except (IndexError, TypeError) as exc:
         raise ValueError(f"malformed index op {kind!r}: {exc}") from exc
     raise ValueError(f"unknown index op kind {kind!r}")
+
+
+MAX_WORKER_ID_CHARS = 2048
+
+
+def is_block_hash(value: Any) -> bool:
+    """A u64, as ``cache.wire.hashing`` makes them (bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
+def _worker(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_WORKER_ID_CHARS:
+        raise ValueError(f"worker must be a non-empty string, got {type(value).__name__}")
+    return value
+
+
+def _parent(value: Any) -> int | None:
+    if value is not None and not is_block_hash(value):
+        raise ValueError("parent hash must be a u64 or nil")
+    return value
+
+
+def _hashes(value: Any) -> list[int]:
+    if not isinstance(value, list) or not all(is_block_hash(h) for h in value):
+        raise ValueError("block hashes must be an array of u64")
+    return value
+
+
+def _expiry(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError("expiry must be a finite number")
+    return float(value)

@@ -20,6 +20,11 @@ Protocol:
 * Any Redis error: the replica keeps serving from its local index, ``status`` is "degraded", and the tail
   task retries until it has re-synced; then it runs the ``on_resync`` callbacks (state that other
   components kept locally while Redis was away goes back). Nothing raises into callers.
+* Redis content is not trusted: a log entry that does not decode to a well-typed op is skipped and
+  counted (``errors["bad_log_entries"]``), so it never reaches the index (nor, through it, a snapshot);
+  a snapshot that does not load is reported as corrupt (``last_error``, ``errors["corrupt_snapshots"]``).
+  Retries back off exponentially (``retry_interval_s`` doubling up to ``max_retry_interval_s``) while the
+  failures go on, so a corrupt snapshot is not downloaded again four times a second forever.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import msgpack
 from redis.asyncio import Redis
@@ -66,16 +71,25 @@ class RedisStoreConfig:
     snapshot_interval_s: float = 300.0
     max_pending_ops: int = 100_000  # ops queued while Redis is down; beyond this the oldest are dropped
     retry_interval_s: float = 0.25
+    max_retry_interval_s: float = 10.0
 
 
 class _NotReady(Exception):
     """Redis is up but another replica has not finished seeding it yet; retry shortly."""
 
 
+class CorruptSnapshot(Exception):
+    """The snapshot in Redis does not load; an operator should delete it (or the whole key prefix)."""
+
+
+def _stream_id(value: str) -> tuple[int, int]:
+    """``"<ms>-<seq>"`` as a pair; ValueError for anything else (Redis content is not trusted)."""
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _id_lt(a: str, b: str) -> bool:
-    a_ms, _, a_seq = a.partition("-")
-    b_ms, _, b_seq = b.partition("-")
-    return (int(a_ms), int(a_seq or 0)) < (int(b_ms), int(b_seq or 0))
+    return _stream_id(a) < _stream_id(b)
 
 
 def _s(value: bytes | str | None) -> str | None:
@@ -124,6 +138,8 @@ class RedisIndexStore(IndexStore):
         self.last_error: str | None = "not started"
         self._outage_logged = False
         self.dropped_ops = 0
+        self._errors: dict[str, int] = {"bad_log_entries": 0, "corrupt_snapshots": 0}
+        self._failures = 0  # consecutive failed rounds of the tail loop: the retry backoff
 
     # ---- IndexStore ------------------------------------------------------------------------------------
     @property
@@ -133,6 +149,16 @@ class RedisIndexStore(IndexStore):
     @property
     def status(self) -> StoreStatus:
         return "healthy" if self._synced else "degraded"
+
+    @property
+    def errors(self) -> dict[str, int]:
+        return dict(self._errors)
+
+    @property
+    def retry_delay_s(self) -> float:
+        """How long the tail loop waits before its next attempt after a failure (backs off while they last)."""
+        cfg = self.config
+        return min(cfg.max_retry_interval_s, cfg.retry_interval_s * 2 ** max(0, self._failures - 1))
 
     @property
     def last_applied_id(self) -> str:
@@ -236,20 +262,23 @@ class RedisIndexStore(IndexStore):
                     for entry_id, fields in entries:
                         self._apply_entry(_s(entry_id), fields)  # type: ignore[arg-type]
                 await self._maybe_snapshot()
+                self._failures = 0
             except asyncio.CancelledError:
                 raise
             except _NotReady:
                 await asyncio.sleep(self.config.retry_interval_s)
             except Exception as exc:
+                self._failures += 1
                 self._degrade(exc)
-                await asyncio.sleep(self.config.retry_interval_s)
+                await asyncio.sleep(self.retry_delay_s)
 
     def _apply_entry(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         self._last_id = entry_id
         self._ops_since_snapshot += 1
         try:
             op = decode_op(fields[b"op"])
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, TypeError) as exc:
+            self._errors["bad_log_entries"] += 1
             logger.warning("skipping malformed index log entry %s: %s", entry_id, exc)
             return
         apply_op(self._index, op)
@@ -286,12 +315,23 @@ class RedisIndexStore(IndexStore):
         blob = await self._redis.get(self._k_snapshot)
         if blob is None:
             raise _NotReady("no snapshot yet")
-        meta = msgpack.unpackb(blob, raw=False)
-        if meta["epoch"] != epoch:
+        try:
+            meta = msgpack.unpackb(blob, raw=False)
+            snapshot_epoch, covered, dumped = meta["epoch"], meta["covered"], meta["index"]
+            if not isinstance(covered, str) or not isinstance(dumped, bytes):
+                raise ValueError("covered must be a stream id, index bytes")
+            _stream_id(covered)
+        except Exception as exc:
+            self._corrupt_snapshot(exc)
+        if snapshot_epoch != epoch:
             raise _NotReady("snapshot from an older epoch")
+        try:
+            index = load_index(dumped, self._index_config)
+        except Exception as exc:
+            self._corrupt_snapshot(exc)
         # Ops this replica queued but never logged stay queued; they are re-applied when read back.
-        self._index = load_index(meta["index"], self._index_config)
-        self._epoch, self._last_id = epoch, meta["covered"]
+        self._index = index
+        self._epoch, self._last_id = epoch, covered
         self._ops_since_snapshot = 0
         logger.info(
             "replica %s loaded snapshot covering %s (%d blocks)",
@@ -299,6 +339,13 @@ class RedisIndexStore(IndexStore):
             self._last_id,
             len(self._index),
         )
+
+    def _corrupt_snapshot(self, exc: Exception) -> NoReturn:
+        self._errors["corrupt_snapshots"] += 1
+        raise CorruptSnapshot(
+            f"the index snapshot in Redis ({self._k_snapshot}) is corrupt ({type(exc).__name__}: {exc}); "
+            "delete it so that a replica writes a new one"
+        ) from exc
 
     async def _write_snapshot(self) -> bool:
         r = self._redis
@@ -344,6 +391,10 @@ class RedisIndexStore(IndexStore):
                     self._pending.popleft()
 
     def _degrade(self, exc: BaseException) -> None:
+        if isinstance(exc, CorruptSnapshot):  # not an outage: say what it is, each (backed-off) time
+            logger.error("replica %s: %s", self.replica_id, exc)
+            self._synced, self.last_error = False, str(exc)
+            return
         if self._synced or not self._outage_logged:
             self._outage_logged = True
             logger.warning(

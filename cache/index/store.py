@@ -10,7 +10,7 @@ shared state (worker registry, session pins, dashboard counters) is not index st
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 from cache.index.ops import IndexOp, apply_op
@@ -39,6 +39,11 @@ class IndexStore(ABC):
     @property
     @abstractmethod
     def status(self) -> StoreStatus: ...
+
+    @property
+    def errors(self) -> Mapping[str, int]:
+        """Cumulative counts of backend content that failed validation, by kind (for metrics)."""
+        return {}
 
     async def start(self) -> None:
         """Connect and catch up (never raises; a down backend just starts "degraded")."""

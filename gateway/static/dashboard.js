@@ -4,7 +4,25 @@
 // /stats?since=T returns the gateway's per-second history samples newer than T, so the first poll
 // (since=0) fills the charts with the last minutes and later polls append one sample or so each.
 // Every shown figure carries its raw value in data-value (for tests and copy-paste).
+//
+// With API keys, /stats needs the admin or metrics key: open the page as /dashboard#key=<key>. The key
+// lives in the URL fragment (never sent to the server, never in its logs) and in this tab's
+// sessionStorage, and goes to /stats as an Authorization header; a 401 asks for it.
 "use strict";
+
+function statsKey() {
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (fromHash) {
+    sessionStorage.setItem("prefixgate-key", fromHash);
+    history.replaceState(null, "", location.pathname + location.search); // off the address bar
+  }
+  return sessionStorage.getItem("prefixgate-key");
+}
+
+function statsHeaders() {
+  const key = statsKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
 
 const POLL_MS = 1000;
 const CHART_SPAN_MAX_S = 300; // the span grows with the history, from one minute up to this
@@ -268,7 +286,11 @@ function setStatus(ok, text) {
 async function poll() {
   try {
     const since = view.series.length ? view.lastT : 0;
-    const response = await fetch(`stats?since=${since}`, { cache: "no-store" });
+    const response = await fetch(`stats?since=${since}`, { cache: "no-store", headers: statsHeaders() });
+    if (response.status === 401 || response.status === 403) {
+      const key = window.prompt("This gateway needs its admin or metrics key to show its statistics:");
+      if (key) sessionStorage.setItem("prefixgate-key", key);
+    }
     if (!response.ok) throw new Error(`/stats answered HTTP ${response.status}`);
     const stats = await response.json();
     if (since === 0) view.series = [];

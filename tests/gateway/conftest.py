@@ -11,7 +11,7 @@ from aiohttp import web
 
 from cache.prompt.model_files import default_model_path
 from cache.prompt.tokenizer import Tokenizer
-from gateway.app import create_app
+from gateway.app import create_app, server_options
 from gateway.config import GatewayConfig, RoutingConfig
 from gateway.launcher import engine_workers
 
@@ -39,7 +39,9 @@ async def running_gateway(
     """A real gateway on loopback; ``handler_cancellation`` as `prefixgate serve` runs it by default
     (aiohttp's ``TestServer`` always turns it on, hence a runner of our own)."""
     app = create_app(config, tokenizer)
-    runner = web.AppRunner(app, handler_cancellation=handler_cancellation, access_log=None)
+    runner = web.AppRunner(
+        app, handler_cancellation=handler_cancellation, access_log=None, **server_options(config)
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

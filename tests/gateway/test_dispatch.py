@@ -155,13 +155,15 @@ async def test_a_worker_that_refuses_connections_is_retried_on_another(tokenizer
         assert [g.worker(i).consecutive_failures for i in (0, 1)] == [1, 0]
 
 
-async def test_every_worker_failing_is_a_502(tokenizer: Tokenizer) -> None:
+async def test_every_worker_failing_is_a_502_charged_to_the_request(tokenizer: Tokenizer) -> None:
+    """A 5xx from every worker tried says more about the request than the workers: none is charged."""
     async with gateway_over(tokenizer, "error_500", "error_500") as g:
         async with g.session.post(g.base + CHAT, json=BODY) as r:
             assert r.status == 502
             error = (await r.json())["error"]
         assert error["type"] == "server_error" and "HTTP 500" in error["message"]
-        assert [g.worker(i).consecutive_failures for i in (0, 1)] == [1, 1]
+        assert "stub failure" not in error["message"]  # the worker's body stays in the gateway's log
+        assert [g.worker(i).consecutive_failures for i in (0, 1)] == [0, 0]
         assert not g.state.metrics.recent  # nothing was relayed
 
 
@@ -232,7 +234,10 @@ async def test_a_client_that_goes_away_is_not_a_worker_failure(
         await asyncio.wait_for(g.stubs[0].gone.wait(), timeout=30)  # the worker saw the disconnect
         await asyncio.wait_for(until(lambda: g.worker(0).in_flight == 0), timeout=30)
         assert g.worker(0).consecutive_failures == 0
-        assert not g.state.metrics.recent  # not recorded as an error either
+        await asyncio.wait_for(until(lambda: bool(g.state.metrics.recent)), timeout=30)
+        record = g.state.metrics.recent[-1]
+        assert record.status == 499 and record.error == "the client went away"  # as nginx logs it
+        assert g.state.metrics.summary()["errors"] == 0 and g.state.metrics.summary()["cancelled"] == 1
 
 
 async def test_the_request_contract_is_parsed_once_at_the_gateway(tokenizer: Tokenizer) -> None:
