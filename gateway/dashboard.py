@@ -7,9 +7,10 @@
   second, off the request path: the increase since the last push goes to ``dash|cluster|<name>`` (all
   replicas summed by the store) and ``dash|replica|<id>|<name>`` (one replica), plus a ``heartbeat`` per
   replica. Every replica reads the counters back on the same tick and derives the cluster figures from
-  them, so any replica's page shows all of them. TTFT/TPOT percentiles travel as per-bucket counts
-  (``ttft_le_<i>``, see ``gateway.metrics.bucket_key``) and are estimated as Prometheus'
-  ``histogram_quantile`` does. A replica whose heartbeat has not moved for ``STALE_AFTER_S`` seconds is
+  them, so any replica's page shows all of them. The cluster's TTFT/TPOT percentiles travel as per-bucket
+  counts (``ttft_le_<i>``, see ``gateway.metrics.bucket_key``) and are estimated as Prometheus'
+  ``histogram_quantile`` does (the page labels them as estimates); one replica's are exact, from its
+  recorded requests. A replica whose heartbeat has not moved for ``STALE_AFTER_S`` seconds is
   shown as not live; its totals stay in the cluster sums (they are history).
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.metrics import HISTOGRAM_BOUNDS, GatewayMetrics, hit_rates
+from gateway.metrics import HISTOGRAM_BOUNDS, GatewayMetrics, hit_rates, latency_percentiles
 from gateway.shared_state import SharedState
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,12 @@ class Dashboard:
         t0, own0, cluster0 = self._readings[0]
         seconds = max(now - t0, 1.0)
         sample = {"t": round(now, 3), "in_flight": self.in_flight(), **window(own0, own, seconds)}
+        # This replica's percentiles are exact, over the requests that finished in the window (at most the
+        # last ``recent_requests`` of them); bucket estimates are for the cluster, which has only counts.
+        finished = own.get("requests", 0) - own0.get("requests", 0)
+        window_records = list(self.metrics.recent)[-finished:] if finished > 0 else []
+        exact = latency_percentiles(window_records)
+        sample.update({k: exact[k] for k in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")})
         if cluster_totals is not None:
             sample["cluster"] = window(cluster0 or {}, cluster_totals, seconds)
         self.history.append(sample)

@@ -10,7 +10,7 @@ import time
 from bisect import bisect_left
 from collections import Counter as Tally
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -190,8 +190,6 @@ class GatewayMetrics:
     def summary(self) -> dict:
         t = self.totals
         prompt = t["prompt_tokens"]
-        ttfts = sorted(r.ttft_s for r in self.recent if r.ttft_s is not None)
-        tpots = sorted(r.tpot_s for r in self.recent if r.tpot_s is not None)
         return {
             "requests": t["requests"],
             "errors": t["errors"],
@@ -202,12 +200,7 @@ class GatewayMetrics:
             "predicted_cached_tokens": t["predicted_cached_tokens"],
             **hit_rates(t),
             "prompt_tokens_saved": t["cached_tokens"],
-            "ttft_p50_s": _pct(ttfts, 0.5),
-            "ttft_p90_s": _pct(ttfts, 0.9),
-            "ttft_p99_s": _pct(ttfts, 0.99),
-            "tpot_p50_s": _pct(tpots, 0.5),
-            "tpot_p90_s": _pct(tpots, 0.9),
-            "tpot_p99_s": _pct(tpots, 0.99),
+            **latency_percentiles(self.recent),
             "latency_window": len(self.recent),  # the percentiles are over the last this-many requests
             "routing": dict(self.reasons),
             "uptime_s": time.time() - self.started,
@@ -231,6 +224,18 @@ def bucket_key(histogram: str, value: float) -> str:
     """The totals key counting ``value`` in its bucket: ``ttft_le_3`` = bucket ``(bounds[2], bounds[3]]``;
     index ``len(bounds)`` is the +Inf bucket. Counts are per bucket, not cumulative."""
     return f"{histogram}_le_{bisect_left(HISTOGRAM_BOUNDS[histogram], value)}"
+
+
+def latency_percentiles(records: Iterable[RequestRecord]) -> dict[str, float | int | None]:
+    """Exact TTFT and TPOT percentiles of ``records`` (nearest rank over the recorded values), and how many
+    values each is over: only streamed requests have a TTFT (a whole answer arrives at once), and only
+    those with two or more output tokens a TPOT."""
+    out: dict[str, float | int | None] = {}
+    for name in ("ttft", "tpot"):
+        values = sorted(v for r in records if (v := getattr(r, f"{name}_s")) is not None)
+        out.update({f"{name}_p{round(q * 100)}_s": _pct(values, q) for q in (0.5, 0.9, 0.99)})
+        out[f"{name}_samples"] = len(values)
+    return out
 
 
 def _pct(values: list[float], q: float) -> float | None:

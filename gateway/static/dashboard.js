@@ -164,10 +164,13 @@ function renderKpis(stats) {
   setFigure("kpi-saved", fmtInt(tot.prompt_tokens_saved), tot.prompt_tokens_saved);
   document.getElementById("kpi-saved-sub").textContent =
     `of ${fmtInt(tot.prompt_tokens)} prompt tokens not prefilled again`;
-  const basis = clusterScope(stats)
-    ? "estimated from histogram buckets"
-    : `last ${stats.totals.latency_window ?? 0} requests`;
+  // One replica's percentiles are exact, over the requests that have the figure (TTFT: streamed ones; a
+  // whole answer arrives at once); the cluster's are estimated from histogram buckets, and say so.
+  const what = { ttft: "streamed requests", tpot: "streamed requests with 2+ tokens" };
   for (const h of ["ttft", "tpot"]) {
+    const basis = clusterScope(stats)
+      ? "≈ estimated from histogram buckets"
+      : `over the last ${stats.totals[`${h}_samples`] ?? 0} ${what[h]}`;
     setFigure(`kpi-${h}`, fmtDur(tot[`${h}_p50_s`]), tot[`${h}_p50_s`]);
     document.getElementById(`kpi-${h}-sub`).textContent =
       `p90 ${fmtDur(tot[`${h}_p90_s`])} · p99 ${fmtDur(tot[`${h}_p99_s`])} · ${basis}`;

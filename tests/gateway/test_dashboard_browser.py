@@ -165,6 +165,8 @@ async def test_dashboard_follows_live_traffic_and_agrees_with_stats(two_workers,
         assert totals["hit_rate_actual"] > 0.3  # three prompts, 24 requests: most of them hit
         assert await page.inner_text("#kpi-hit-actual") == f"{100 * totals['hit_rate_actual']:.1f}%"
         assert totals["tpot_p50_s"] is not None and "ms" in await page.inner_text("#kpi-tpot")
+        basis = f"over the last {totals['ttft_samples']} streamed requests"  # exact, and says over what
+        assert basis in await page.inner_text("#kpi-ttft-sub")
 
         # Tables: workers, routing decisions, recent requests (newest first), all as /stats has them.
         worker_rows = page.locator("#workers tbody tr")

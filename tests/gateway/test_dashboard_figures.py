@@ -210,3 +210,24 @@ async def test_sampling_loop_stops_on_its_flag_even_if_a_cancel_was_swallowed() 
     done, _ = await asyncio.wait({task}, timeout=5)
     assert store.swallowed == 1
     assert done == {task}, "the loop went on sampling after its cancel was swallowed"
+
+
+async def test_one_replicas_percentiles_are_exact_and_count_only_requests_that_have_them() -> None:
+    # Histogram interpolation would put p99 inside the 0.075-0.1 s bucket's upper part or beyond; the
+    # recorded values say the slowest TTFT was 0.101 s, and the sample must not claim more.
+    clock, metrics = Clock(), GatewayMetrics(50)
+    dash = Dashboard(metrics, LocalSharedState(), "solo", shared=False, in_flight=lambda: 0, clock=clock)
+    await dash.tick()
+    clock.now += 1
+    for ttft in (0.010, 0.020, 0.101):
+        record(metrics, prompt=10, cached=0, predicted=0, ttft=ttft)
+    metrics.record(  # a non-streamed request: no TTFT, and it must not be counted as one
+        RequestRecord(
+            0.0, "n", "default", "http://w", "cache_aware", "least_load", 200, False, 10, 0, 0, 5, None, 0.5
+        )
+    )
+    await dash.tick()
+    sample, summary = dash.history[-1], metrics.summary()
+    assert sample["ttft_p99_s"] == summary["ttft_p99_s"] == 0.101
+    assert sample["ttft_p50_s"] == 0.020
+    assert summary["ttft_samples"] == 3 and summary["latency_window"] == 4
