@@ -9,15 +9,24 @@ from aiohttp import web
 
 from cache.api.errors import error_middleware
 from cache.prompt.tokenizer import Tokenizer
-from gateway import dashboard, handlers
+from gateway import dashboard, handlers, messages_api, passthrough, responses_api
 from gateway.config import GatewayConfig
+from gateway.response_store import ResponseStoreConfig, make_response_store
 from gateway.state import STATE, GatewayState
 
 
-def create_app(config: GatewayConfig, tokenizer: Tokenizer | None = None) -> web.Application:
-    """``tokenizer``: one already loaded (tests share one); by default it is loaded from ``config.model``."""
+def create_app(
+    config: GatewayConfig,
+    tokenizer: Tokenizer | None = None,
+    responses: ResponseStoreConfig | None = None,
+) -> web.Application:
+    """``tokenizer``: one already loaded (tests share one); by default it is loaded from ``config.model``.
+    ``responses``: the bounds of the stored ``/v1/responses`` (kept beside the index: Redis or in process)."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
     app[STATE] = GatewayState(config, tokenizer)
+    app[responses_api.RESPONSE_STORE] = make_response_store(
+        app[STATE].store, responses or ResponseStoreConfig()
+    )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         async with app[STATE].run():
@@ -27,6 +36,11 @@ def create_app(config: GatewayConfig, tokenizer: Tokenizer | None = None) -> web
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/completions", handlers.completions)
     app.router.add_post("/generate", handlers.generate)
+    app.router.add_post("/v1/responses", responses_api.create_response)
+    app.router.add_get("/v1/responses/{response_id}", responses_api.get_response)
+    app.router.add_delete("/v1/responses/{response_id}", responses_api.delete_response)
+    app.router.add_post("/v1/messages", messages_api.create_message)
+    app.router.add_post("/v1/embeddings", passthrough.embeddings)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/metrics", handlers.metrics)

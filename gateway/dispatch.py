@@ -20,6 +20,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -31,6 +32,7 @@ from gateway.metrics import CLIENT_CLOSED, GatewayMetrics, RequestRecord
 from gateway.policies import Decision
 from gateway.proxy import Proxy, Relayed, UpstreamCall, UpstreamFailed
 from gateway.router import PreparedRequest, Router
+from gateway.translation import ReplyTranslator
 from gateway.workers import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,16 @@ class Dispatcher:
         self.router, self.pool, self.proxy, self.metrics = router, pool, proxy, metrics
         self.max_retries = max_retries
 
-    async def dispatch(self, request: web.Request, req: PreparedRequest) -> web.StreamResponse:
+    async def dispatch(
+        self,
+        request: web.Request,
+        req: PreparedRequest,
+        translator: ReplyTranslator | None = None,
+        on_served: Callable[[Worker], Awaitable[None]] | None = None,
+    ) -> web.StreamResponse:
+        """``translator``: the client speaks another API; the worker's chat-completions answer is translated
+        (``gateway.translation``). ``on_served``: awaited with the worker once it has served the request
+        (a status below 400), after the router's own bookkeeping (``Router.routed``)."""
         body, strip_usage = upstream_body(req)
         tried: set[str] = set()
         answered_5xx: list[Worker] = []  # charged only if another worker serves the request
@@ -79,6 +90,7 @@ class Dispatcher:
                     strip_usage=strip_usage,
                     cumulative_text=req.kind == "generate",
                     on_accepted=functools.partial(self.router.claim, req, worker),
+                    translator=translator,
                 )
                 try:
                     with self.pool.dispatch(worker):
@@ -107,6 +119,8 @@ class Dispatcher:
                 recorded = True
                 if relayed.status < 400:
                     await self.router.routed(req, worker, relayed.text)
+                    if on_served is not None:
+                        await on_served(worker)
                 return relayed.response
         except asyncio.CancelledError:  # the client went away (handler cancellation)
             if decision is not None and not recorded:

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from cache.api.errors import ApiError
 from cache.api.requests import GenerationRequest, Kind, ServingLimits, parse_request, read_json
 from cache.index.ops import ClearedOp
+from gateway.config import Tenant
 from gateway.policies import POLICIES
 from gateway.prompt_bounds import min_prompt_tokens
 from gateway.router import PreparedRequest
@@ -51,10 +52,24 @@ async def _parse(state: GatewayState, kind: Kind, body: dict[str, Any]) -> Gener
     return await loop.run_in_executor(state.tokenize_pool, parse_request, kind, body, state.tokenizer, limits)
 
 
-async def _proxied(request: web.Request, kind: Kind) -> web.StreamResponse:
+async def read_request(request: web.Request) -> tuple[GatewayState, Tenant, dict[str, Any]]:
+    """The gateway, the caller's tenant (401 without a valid key) and the JSON body (408/413 bounded)."""
     state = request.app[STATE]
     tenant = authenticate(request, state.config.api_keys)
-    body = await _read_body(request, state.config.client_timeout_s)
+    return state, tenant, await _read_body(request, state.config.client_timeout_s)
+
+
+async def prepare(
+    request: web.Request,
+    state: GatewayState,
+    tenant: Tenant,
+    kind: Kind,
+    body: dict[str, Any],
+    session_id: str | None = None,
+) -> PreparedRequest:
+    """``body`` (the model defaulted, or a 404 for one no worker serves) parsed as the worker will parse
+    it: a ``PreparedRequest`` for the dispatcher. ``session_id`` defaults to ``prompt_cache_key``, ``user``
+    or the ``X-Session-ID`` header."""
     served = state.served_models()
     model = body.get("model")
     if kind != "generate":
@@ -72,10 +87,11 @@ async def _proxied(request: web.Request, kind: Kind) -> web.StreamResponse:
     # The gateway's limits leave engine_features off: n > 1, tools and logprobs go to the upstream, which
     # accepts or refuses them; the worker checks the body again with its own limits.
     parsed = await _parse(state, kind, body)
-    session_id = body.get("prompt_cache_key") or body.get("user") or request.headers.get("X-Session-ID")
+    if session_id is None:
+        session_id = body.get("prompt_cache_key") or body.get("user") or request.headers.get("X-Session-ID")
     if session_id is not None and not isinstance(session_id, str):
         raise ApiError(400, "'prompt_cache_key' and 'user' must be strings", param="user")
-    req = PreparedRequest(
+    return PreparedRequest(
         kind=kind,
         body=body,
         tenant=tenant,
@@ -85,6 +101,11 @@ async def _proxied(request: web.Request, kind: Kind) -> web.StreamResponse:
         request_id=request.headers.get("X-Request-ID") or f"gw-{uuid.uuid4().hex[:16]}",
         include_usage=parsed.include_usage,
     )
+
+
+async def _proxied(request: web.Request, kind: Kind) -> web.StreamResponse:
+    state, tenant, body = await read_request(request)
+    req = await prepare(request, state, tenant, kind, body)
     return await state.dispatcher.dispatch(request, req)
 
 

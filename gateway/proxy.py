@@ -12,6 +12,9 @@
 - On the way through it reads usage, text and time to first text (``cache.api.replies``), and drops the
   usage-only chunk when the gateway asked for it on the client's behalf (``strip_usage``).
 - A worker failing mid-stream ends the client's stream with an error event and ``[DONE]``.
+- With ``UpstreamCall.translator`` (``gateway.translation``) the worker's chat-completions answer is
+  translated for the client instead of relayed as is: every check, retry rule and reading above holds
+  unchanged; only what is written to the client differs.
 - A client that goes away is never the worker's fault: with handler cancellation (how the gateway runs)
   its handler is cancelled; otherwise the next write fails and ``Relayed.client_gone`` says so. Either
   way leaving ``forward`` closes the upstream connection, which the worker sees as a disconnect and
@@ -45,6 +48,7 @@ from cache.api.replies import (
     sse_data,
 )
 from cache.api.sse import send_error_and_done
+from gateway.translation import ReplyTranslator
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class UpstreamCall:
     cumulative_text: bool = False  # each chunk carries the whole answer so far (SGLang /generate)
     # Awaited once the worker has accepted the request (a 2xx status), before any byte is relayed.
     on_accepted: Callable[[], Awaitable[None]] | None = None
+    translator: ReplyTranslator | None = None  # the client speaks another API than the worker's
 
 
 @dataclass
@@ -117,12 +122,15 @@ class Proxy:
                 raise UpstreamFailed(f"HTTP {upstream.status} redirect (never followed)")
             ctype = upstream.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if upstream.status >= 400:
-                return Relayed(_client_error(upstream.status, await self._read(upstream)), upstream.status)
+                fields = _client_error(upstream.status, await self._read(upstream))
+                if call.translator is not None:
+                    return Relayed(call.translator.error(upstream.status, fields), upstream.status)
+                return Relayed(web.json_response({"error": fields}, status=upstream.status), upstream.status)
             if ctype == "text/event-stream":
                 if call.on_accepted is not None:
                     await call.on_accepted()
                 return await _relay_stream(request, call, upstream)
-            relayed = _reply(upstream.status, await self._read(upstream))
+            relayed = await _reply(upstream.status, await self._read(upstream), call.translator)
             if call.on_accepted is not None:
                 await call.on_accepted()
             return relayed
@@ -158,31 +166,30 @@ async def read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _client_error(status: int, raw: bytes) -> web.Response:
-    """A worker's 4xx for the client: its OpenAI error body if it sent one, else one of ours (never its
-    HTML or other text)."""
+def _client_error(status: int, raw: bytes) -> dict:
+    """A worker's 4xx for the client, as OpenAI error fields: its own if it sent an OpenAI error body, else
+    ours (never its HTML or other text)."""
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         body = None
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        fields = {k: error.get(k) for k in ("message", "type", "param", "code")}
-        return web.json_response({"error": fields}, status=status)
-    return web.json_response(
-        error_body(status, f"the worker refused the request (HTTP {status})"), status=status
-    )
+        return {k: error.get(k) for k in ("message", "type", "param", "code")}
+    return error_body(status, f"the worker refused the request (HTTP {status})")["error"]
 
 
-def _reply(status: int, raw: bytes) -> Relayed:
-    """A non-streamed 2xx answer: a JSON object, or ``UpstreamFailed``."""
+async def _reply(status: int, raw: bytes, translator: ReplyTranslator | None) -> Relayed:
+    """A non-streamed 2xx answer: a JSON object (translated for the client when asked), or
+    ``UpstreamFailed``."""
     try:
         reply = orjson.loads(raw)
     except orjson.JSONDecodeError:
         reply = None
     if not isinstance(reply, dict):
         raise UpstreamFailed("answered something that is not a JSON object")
-    relayed = Relayed(web.Response(body=raw, status=status, content_type="application/json"), status)
+    body = await translator.reply(reply) if translator else raw
+    relayed = Relayed(web.Response(body=body, status=status, content_type="application/json"), status)
     relayed.usage, relayed.text = reply_usage(reply), reply_text(reply)
     return relayed
 
@@ -192,6 +199,7 @@ async def _relay_stream(
 ) -> Relayed:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     relayed = Relayed(response, upstream.status)
+    translator = call.translator
     texts: list[str] = []
     last_text_at: float | None = None
     started = skip_blank = False
@@ -211,16 +219,24 @@ async def _relay_stream(
                 relayed.status, relayed.worker_failed = 502, True
                 relayed.error = f"worker failed mid-stream: {failure}"
                 message = "the worker failed mid-stream; the answer is incomplete"
-                await _to_client(send_error_and_done(response, ApiError(502, message)))
+                if translator is not None:
+                    await _to_client(response.write(translator.failed(message)))
+                    await _to_client(response.write_eof())
+                else:
+                    await _to_client(send_error_and_done(response, ApiError(502, message)))
                 break
             if not line:
                 if not started:
                     raise UpstreamFailed("closed the stream without sending anything")
+                if translator is not None:
+                    await _to_client(response.write(await translator.finish()))
                 await _to_client(response.write_eof())
                 break
             if not started:
                 await _to_client(response.prepare(request))
                 started = True
+                if translator is not None:
+                    await _to_client(response.write(translator.start()))
             if skip_blank and not line.strip():
                 skip_blank = False
                 continue  # the separator after a chunk we dropped
@@ -238,10 +254,16 @@ async def _relay_stream(
                     texts.append(text)
                 relayed.usage = reply_usage(chunk) or relayed.usage
                 relayed.error = chunk_error(chunk) or relayed.error
+                if translator is not None:
+                    events = translator.chunk(chunk)
+                    if events:
+                        await _to_client(response.write(events))
+                    continue
                 if call.strip_usage and is_usage_only(chunk):
                     skip_blank = True
                     continue
-            await _to_client(response.write(line))
+            if translator is None:
+                await _to_client(response.write(line))
     except _ClientGone:
         relayed.client_gone = True
     relayed.text = "".join(texts)
