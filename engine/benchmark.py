@@ -12,9 +12,13 @@ import json
 import random
 import time
 
+import torch
+
 from cache.api.sampling import SamplingParams
+from engine.benchmark_tiers import tier_benchmark
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
+from engine.loader import load_model
 
 
 def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
@@ -54,25 +58,78 @@ def decode_throughput(engine: LLMEngine, rng: random.Random, batch: int, steps: 
     return (sum(len(s.output_ids) for s in seqs) - produced) / elapsed
 
 
+def _report(results: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results))
+    else:
+        for key, value in results.items():
+            print(f"{key:36s} {value}")
+
+
+def weight_bytes_per_decode_step(model: torch.nn.Module) -> int:
+    """Bytes of the weights a batch-1 decode step reads: the matmul weights in the form small batches
+    use, the norms, and one embedding row (the tied LM head is counted once, as a matmul)."""
+    from engine.models.cpu_linear import PackedLinear
+    from engine.models.quant_linear import QuantizedLinear
+
+    total = 0
+    for module in model.modules():
+        own = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if isinstance(module, PackedLinear):  # oneDNN's packed weight is a plain attribute
+            own.append(("packed", module.packed))
+        if isinstance(module, QuantizedLinear):
+            own = [(n, t) for n, t in own if n != "dense"]
+        elif isinstance(module, torch.nn.Embedding):
+            continue
+        total += sum(t.numel() * t.element_size() for n, t in own if n not in ("cos", "sin"))
+    cfg = model.config
+    if getattr(model, "packed_head", None) is None and model.lm_head is None:  # tied, read as the head
+        total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total + cfg.hidden_size * model.embed_tokens.weight.element_size()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--weights", default="auto", help="auto | float | int8 | int4 (see EngineConfig)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--max-batch-tokens", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA too")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    parser.add_argument(
+        "--tiers", action="store_true", help="only the KV tier section (engine.benchmark_tiers)"
+    )
     args = parser.parse_args()
 
-    engine = LLMEngine(
-        EngineConfig(
-            model=args.model, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
-        )
+    config = EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        weights=args.weights,
+        threads=args.threads,
+        max_batch_tokens=args.max_batch_tokens,
     )
+    loaded = load_model(config)
+    if args.tiers:
+        _report(tier_benchmark(config, loaded), args.json)
+        return
+    engine = LLMEngine(config, loaded)
+    engine.runner.cuda_graphs = engine.runner.cuda_graphs and not args.no_cuda_graphs
     vocab = engine.model.config.vocab_size
     rng = random.Random(0)
-    results: dict[str, float | str] = {"device": engine.info.device, "dtype": engine.info.dtype}
+    results: dict[str, float | str] = {
+        "device": engine.info.device,
+        "dtype": engine.info.dtype,
+        "weights": loaded.weights,
+        "cuda_graphs": engine.runner.cuda_graphs,
+        # what one decode step reads at least: every weight once (the quantized modes also keep a
+        # dense copy for large batches, which batch-1 steps do not read)
+        "weight_bytes_read_per_step": weight_bytes_per_decode_step(loaded.model),
+    }
     time_prefill(engine, random_prompt(rng, 256, vocab))  # warm-up: allocator, kernels
 
     for n in (1000, 2000):

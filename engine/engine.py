@@ -8,16 +8,24 @@ job, so several engines can share one ``LoadedModel`` (each with its own KV pool
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cache.api.requests import ServingLimits
 from cache.api.sampling import SamplingParams
+from cache.wire.hashing import block_hashes, namespace_seed
+from cache.wire.tiers import MEDIUM_DISK, MEDIUM_HOST
 from engine.config import EngineConfig
+from engine.kv.disk_store import DiskStore
+from engine.kv.load_cost import LoadCost
+from engine.kv.lower_tiers import LowerTiers
 from engine.kv.page_pool import PagePool
 from engine.kv.prefix_cache import BlockHasher, CacheListener, PrefixCache
+from engine.kv.transfer import KVTransfer, allocate_host_kv
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, allocate_kv, kv_bytes_per_token
+from engine.models.attention import KVCache
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence
 
@@ -66,6 +74,13 @@ class EngineStats:
     pages_free: int = 0
     pages_cached: int = 0  # owned by the prefix cache
     pages_total: int = 0
+    # KV tiers (all 0 without the hierarchical cache)
+    host_pages_cached: int = 0
+    host_pages_total: int = 0
+    disk_pages_cached: int = 0
+    disk_pages_total: int = 0
+    tokens_loaded_from_host: int = 0  # prompt tokens loaded back instead of recomputed, since start
+    tokens_loaded_from_disk: int = 0
 
 
 class LLMEngine:
@@ -95,7 +110,16 @@ class LLMEngine:
         kv = allocate_kv(self.model, num_pages, config.page_size, loaded.dtype)
         self.runner = ModelRunner(self.model, kv, config.page_size)
         self.pool = PagePool(num_pages)
-        self.cache = PrefixCache(self.pool, config.page_size, hasher, listener, namespace_hash)
+        self.lower: LowerTiers | None = None
+        if config.enable_hierarchical_cache:
+            if hasher is None:  # page files are named by block hash: name them as the server would
+                hasher = _default_hasher(loaded.model_id, config.page_size)
+                namespace_hash = namespace_hash or (lambda salt: namespace_seed(loaded.model_id, salt))
+            self.lower = _lower_tiers(config, kv, num_pages, kv_bytes_per_token(self.model, loaded.dtype))
+        self.cache = PrefixCache(self.pool, config.page_size, hasher, listener, namespace_hash, self.lower)
+        if self.lower is not None and self.lower.disk is not None:
+            restored = self.lower.restore_from_disk()
+            log.info("KV disk tier %s: %d pages restored", config.hicache_disk_dir, restored)
         sched = scheduler_config(config)
         self.scheduler = Scheduler(sched, self.pool, self.cache)
         self.info = EngineInfo(
@@ -147,7 +171,10 @@ class LLMEngine:
         if batch is None:
             return []
         try:
+            start = time.perf_counter()
             results = self.runner.run(batch)
+            if self.lower is not None:  # the measured prefill rate that load-back decisions weigh
+                self.lower.cost.observe_forward(batch.num_tokens, time.perf_counter() - start)
         except Exception as exc:
             log.exception("forward pass failed; failing the %d requests in this batch", len(batch.chunks))
             results = {chunk.seq: exc for chunk in batch.chunks}
@@ -165,7 +192,17 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         """Current load; call it on the thread that steps the engine."""
-        sched, pool = self.scheduler, self.pool
+        sched, pool, lower = self.scheduler, self.pool, self.lower
+        tiers = {}
+        if lower is not None:
+            tiers = dict(
+                host_pages_cached=lower.host_pool.num_used,
+                host_pages_total=lower.host_pool.num_pages,
+                disk_pages_cached=lower.disk.num_pages if lower.disk else 0,
+                disk_pages_total=lower.disk.capacity_pages if lower.disk else 0,
+                tokens_loaded_from_host=lower.loaded_tokens[MEDIUM_HOST],
+                tokens_loaded_from_disk=lower.loaded_tokens[MEDIUM_DISK],
+            )
         return EngineStats(
             num_running=len(sched.running),
             num_waiting=len(sched.waiting),
@@ -174,6 +211,7 @@ class LLMEngine:
             pages_free=pool.num_free,
             pages_cached=self.cache.num_pages,
             pages_total=pool.num_pages,
+            **tiers,
         )
 
     def flush_cache(self) -> bool:
@@ -182,3 +220,32 @@ class LLMEngine:
             return False
         self.cache.reset()
         return True
+
+
+def _default_hasher(model_id: str, page_size: int) -> BlockHasher:
+    seed = namespace_seed(model_id)
+    return lambda parent, token_ids: block_hashes(token_ids, page_size, seed=seed, parent=parent)
+
+
+def _lower_tiers(
+    config: EngineConfig, device_kv: KVCache, num_pages: int, bytes_per_token: int
+) -> LowerTiers:
+    """The host pool (``hicache_size_gib``, else ``hicache_ratio`` x the device pool) and the disk tier."""
+    page_bytes = bytes_per_token * config.page_size
+    if config.hicache_size_gib > 0:
+        host_pages = int(config.hicache_size_gib * 2**30) // page_bytes
+    else:
+        host_pages = int(num_pages * config.hicache_ratio)
+    mover = KVTransfer(device_kv, allocate_host_kv(device_kv, host_pages, config.page_size), config.page_size)
+    disk = None
+    if config.hicache_disk_dir is not None:
+        capacity = int(config.hicache_disk_size_gib * 2**30) // page_bytes
+        disk = DiskStore(config.hicache_disk_dir, capacity, mover.layout, mover.page_bytes)
+    cost = LoadCost(config.hicache_min_load_tokens)
+    log.info(
+        "KV tiers: %d host pages, %s disk pages, %s",
+        host_pages,
+        disk and disk.capacity_pages,
+        config.hicache_write_policy,
+    )
+    return LowerTiers(PagePool(host_pages), mover, config.hicache_write_policy, cost, disk)

@@ -17,6 +17,7 @@ from cache.prompt.tokenizer import Tokenizer
 from engine.config import EngineConfig
 from engine.models.cpu_linear import packing_available
 from engine.models.llama import LlamaForCausalLM
+from engine.models.quant_linear import resolve_weights
 from engine.weights import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ class LoadedModel:
     model_id: str  # the name served over the API
     path: Path
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # activations, KV cache and float weights
+    weights: str = "float"  # matmul weights: "float" (in dtype), "int8" or "int4"
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -91,9 +93,14 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model = model.to_empty(device="cpu").float()
     model.rotary.build()
     model.load_weights(checkpoint.tensors())
+    weights = resolve_weights(config.weights, device, dtype)
+    if weights != "float":  # from the fp32 weights (and the file's own 4-bit groups), before the cast
+        model.quantize(weights, checkpoint.group_quantized())
     model = model.to(device=device, dtype=dtype).eval()
     model.rotary.build()  # keep the rotary tables in fp32 on the device
-    if config.cpu_packed_linears and packing_available(device, dtype):
+    if weights == "float" and config.cpu_packed_linears and packing_available(device, dtype):
         model.pack_for_cpu()
-    log.info("loaded %s on %s as %s", path.name, device, str(dtype).removeprefix("torch."))
-    return LoadedModel(model, tokenizer, served_model_id(config), path, device, dtype)
+    log.info(
+        "loaded %s on %s as %s, %s weights", path.name, device, str(dtype).removeprefix("torch."), weights
+    )
+    return LoadedModel(model, tokenizer, served_model_id(config), path, device, dtype, weights)

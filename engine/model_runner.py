@@ -34,6 +34,9 @@ class ModelRunner:
         self.device = model.embed_tokens.weight.device
         self.sampler = Sampler(self.device)
         self._offsets = np.arange(page_size, dtype=np.int64)
+        # Pure decode steps replay CUDA graphs (engine.models.decode_graphs) on CUDA.
+        self.cuda_graphs = self.device.type == "cuda"
+        self._graphs = None  # DecodeGraphs, built on the first decode step that uses them
 
     def _slots(self, seq: Sequence, end: int) -> np.ndarray:
         """Slots of tokens ``0 .. end-1`` of ``seq``."""
@@ -86,7 +89,10 @@ class ModelRunner:
                 ]
                 mask = mask.to(self.device)
             decode = DecodeGroup(
-                torch.tensor(decode_rows, device=self.device), torch.from_numpy(padded).to(self.device), mask
+                torch.tensor(decode_rows, device=self.device),
+                torch.from_numpy(padded).to(self.device),
+                mask,
+                all_rows=len(decode_rows) == row,  # decodes only: their rows are 0..B-1 in order
             )
         attn = AttentionBatch(
             torch.from_numpy(np.concatenate(slot_mapping)).to(self.device), prefills, decode
@@ -99,11 +105,28 @@ class ModelRunner:
             sampled,
         )
 
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBatch,
+        logits_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits ``[N, V]`` of the rows that sample; pure decode steps on CUDA replay a CUDA graph."""
+        if self.cuda_graphs and attn.decode is not None and attn.decode.all_rows:
+            if self._graphs is None:
+                from engine.models.decode_graphs import DecodeGraphs  # CUDA only: imported lazily
+
+                self._graphs = DecodeGraphs(self.model, self.kv, max_keys=self.kv.k.shape[1])
+            if self._graphs.fits(attn):  # every row of a decode step samples: logits_rows == 0..B-1
+                return self._graphs.run(input_ids, positions, attn)
+        return self.model(input_ids, positions, attn, self.kv, logits_rows)
+
     def run(self, batch: Batch) -> dict[Sequence, int | Exception]:
         """The next token of each sequence this step samples, or the exception its sampling raised.
         Raises if the forward pass itself fails (then the whole batch has no result)."""
         input_ids, positions, attn, logits_rows, sampled = self.prepare(batch)
-        logits = self.model(input_ids, positions, attn, self.kv, logits_rows)
+        logits = self.forward(input_ids, positions, attn, logits_rows)
         if not sampled:  # only partial prefill chunks this step: KV is written, nothing to sample
             return {}
         tokens = self.sampler.sample(logits, [s.sampling for s in sampled], [s.request_id for s in sampled])

@@ -5,8 +5,9 @@ stall behind a long prompt), then the next chunk of prefills already in progress
 requests, each chunked to fit what is left of the budget. Pure Python: no tensors, no device.
 
 Memory: a sequence holds pages for the tokens it has computed. When the pool runs dry the prefix
-cache evicts unlocked pages; if that is not enough, the newest running sequence is preempted
-(its computed pages go to the prefix cache, so its recompute is mostly a cache hit).
+cache evicts unlocked pages (demoting them to host memory when the cache has lower tiers); if that
+is not enough, the newest running sequence is preempted (its computed pages go to the prefix cache,
+so its recompute is mostly a cache hit).
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ class Scheduler:
 
     def _admit(self, seq: Sequence) -> None:
         # Always leave at least one token to compute: its logits give the first output token.
-        pages, node = self.cache.match_prefix(seq.token_ids[: seq.num_tokens - 1], seq.cache_salt)
+        # With lower tiers, a prefix held there is loaded back first when that pays.
+        pages, node = self.cache.match_and_load(seq.token_ids[: seq.num_tokens - 1], seq.cache_salt)
         self.cache.lock(node)
         seq.pages, seq.cache_node, seq.num_tree_pages = list(pages), node, len(pages)
         seq.num_computed = len(pages) * self.config.page_size

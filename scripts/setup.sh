@@ -31,4 +31,17 @@ if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]
     || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $missing >/dev/null; } \
     || echo "warning: could not install$missing; the tests that drive them will fail" >&2
 fi
+# KV transfer between engines (docs/kv-transfer.md): Mooncake's Transfer Engine. Its CPU wheel needs
+# Debian's libibverbs1 and libnuma1; CUDA machines use mooncake-transfer-engine (installed with the GPU
+# stack, not here). Without it the KV transfer tests skip.
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] \
+    && ! dpkg -s libibverbs1 libnuma1 >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs1 libnuma1 >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q libibverbs1 libnuma1 >/dev/null; } \
+      || echo "warning: could not install libibverbs1 libnuma1; KV transfer will not start" >&2
+  fi
+  python -m pip install -q mooncake-transfer-engine-non-cuda \
+    || echo "warning: could not install mooncake-transfer-engine-non-cuda; the KV transfer tests skip" >&2
+fi
 echo "prefixgate is set up in .venv (torch $(python -c 'import torch; print(torch.__version__)'))"

@@ -41,6 +41,8 @@ MAX_STOP_CHARS = 1024  # per stop string: the stream holds back up to this much 
 MAX_STOP_TOKEN_IDS = 256
 MAX_CACHE_SALT_CHARS = 256  # the engine keeps a prefix-cache root per salt while it caches pages
 MAX_RID_CHARS = 256
+MAX_FETCH_PLAN_BLOCKS = 8192  # a fetch plan names at most this many blocks (128k tokens of 16-token pages)
+MAX_FETCH_ENDPOINT_CHARS = 512
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON escapes of UTF-16 surrogates
 
 
@@ -66,6 +68,24 @@ class GenerationRequest:
     model: str | None = None
     rid: str | None = None  # SGLang's request id (``/generate``)
     prompt_param: str = "prompt"  # the field errors about the prompt name
+    kv_fetch_plan: FetchPlan | None = None  # the gateway's plan: pull this prefix from a peer first
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    """Where a cached prefix of this request's prompt lives, attached by the gateway (body field
+    ``kv_fetch_plan``; names follow SGLang's shared-HiCache plan). The worker pulls the first
+    ``planned_prefix_blocks`` of ``block_hashes`` (the prompt's chained block hashes in ``namespace``)
+    from ``source_endpoint`` before prefilling; any failure means recomputing, never a failed request.
+    ``namespace`` is the tenant salt the blocks belong to: it must equal the request's ``cache_salt``.
+    Only a structurally malformed plan is a 400; an expired or wrong one is the worker's to refuse."""
+
+    plan_id: str
+    source_endpoint: str  # the source engine's HTTP base URL, e.g. "http://10.0.0.5:30001"
+    block_hashes: tuple[int, ...]
+    planned_prefix_blocks: int
+    expires_at_ms: int  # Unix time in milliseconds after which the plan must not be used
+    namespace: str = ""
 
 
 def parse_request(
@@ -107,7 +127,16 @@ def parse_request(
     check_context(prompt_ids, body if kind != "generate" else body.get("sampling_params") or {}, limits)
     model = model if isinstance(model, str) else None
     return GenerationRequest(
-        kind, prompt_ids, sampling, stream, include_usage, get_cache_salt(body), model, rid, param
+        kind,
+        prompt_ids,
+        sampling,
+        stream,
+        include_usage,
+        get_cache_salt(body),
+        model,
+        rid,
+        param,
+        get_fetch_plan(body),
     )
 
 
@@ -303,6 +332,47 @@ def get_cache_salt(body: dict[str, Any]) -> str:
         message = f"'cache_salt' must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters"
         raise bad_request(message, "cache_salt")
     return salt
+
+
+def get_fetch_plan(body: dict[str, Any]) -> FetchPlan | None:
+    """The optional ``kv_fetch_plan`` object (``FetchPlan``), checked for shape only."""
+    plan = body.get("kv_fetch_plan")
+    if plan is None:
+        return None
+    name = "kv_fetch_plan"
+    if not isinstance(plan, dict):
+        raise bad_request(f"'{name}' must be an object", name)
+    plan_id, endpoint, namespace = plan.get("plan_id"), plan.get("source_endpoint"), plan.get("namespace", "")
+    if not isinstance(plan_id, str) or not plan_id or len(plan_id) > MAX_RID_CHARS:
+        raise bad_request(
+            f"'{name}.plan_id' must be a non-empty string of at most {MAX_RID_CHARS} characters", name
+        )
+    if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+        raise bad_request(f"'{name}.source_endpoint' must be an http(s) URL", name)
+    if len(endpoint) > MAX_FETCH_ENDPOINT_CHARS:
+        raise bad_request(
+            f"'{name}.source_endpoint' is longer than {MAX_FETCH_ENDPOINT_CHARS} characters", name
+        )
+    if not isinstance(namespace, str) or len(namespace) > MAX_CACHE_SALT_CHARS:
+        raise bad_request(
+            f"'{name}.namespace' must be a string of at most {MAX_CACHE_SALT_CHARS} characters", name
+        )
+    hashes = plan.get("block_hashes")
+    if (
+        not isinstance(hashes, list)
+        or not 0 < len(hashes) <= MAX_FETCH_PLAN_BLOCKS
+        or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < 2**64 for h in hashes)
+    ):
+        message = f"'{name}.block_hashes' must be 1 to {MAX_FETCH_PLAN_BLOCKS} unsigned 64-bit integers"
+        raise bad_request(message, name)
+    blocks = get_int(plan, "planned_prefix_blocks", len(hashes), minimum=1)
+    expires = get_int(plan, "expires_at_ms", minimum=0)
+    assert blocks is not None
+    if blocks > len(hashes):
+        raise bad_request(f"'{name}.planned_prefix_blocks' exceeds the {len(hashes)} block hashes", name)
+    if expires is None:
+        raise bad_request(f"'{name}.expires_at_ms' is required", name)
+    return FetchPlan(plan_id, endpoint.rstrip("/"), tuple(hashes), blocks, expires, namespace)
 
 
 def _show(value: Any) -> str:

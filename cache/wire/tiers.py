@@ -12,8 +12,17 @@ class Tier(enum.IntEnum):
     HOST = 1  # CPU memory (vLLM medium "CPU"); must be copied back to the device before reuse
 
 
-# vLLM publishes medium=None for the GPU prefix cache and "GPU"/"CPU" with KV offloading; other engines use
-# lower-case or descriptive names. Anything unknown is treated as host: it is held, but not on the device.
+# Medium names on the wire. vLLM publishes None for the GPU prefix cache and "GPU"/"CPU" with KV offloading;
+# SGLang's HiCache says "GPU", "CPU_PINNED" (host memory) and "DISK"; prefixgate's engine uses SGLang's names.
+MEDIUM_DEVICE = "GPU"
+MEDIUM_HOST = "CPU_PINNED"
+MEDIUM_DISK = "DISK"
+
+# DISK maps to HOST for now: the index keeps one bit per tier for device and one for the rest
+# (cache/index/radix_index.py), so "held, but must be copied to the device first" covers both. A removal
+# from one lower medium therefore clears the bit while the other may still hold the block: the index
+# under-claims (a routing miss costs a recompute), it never over-claims. Other names, lower-case or
+# descriptive, are treated as host too: held, but not on the device.
 _MEDIUM_TO_TIER: dict[str | None, Tier] = {
     None: Tier.DEVICE,
     "GPU": Tier.DEVICE,
@@ -21,13 +30,16 @@ _MEDIUM_TO_TIER: dict[str | None, Tier] = {
     "DEVICE": Tier.DEVICE,
     "HBM": Tier.DEVICE,
     "CPU": Tier.HOST,
+    "CPU_PINNED": Tier.HOST,
     "HOST": Tier.HOST,
     "DRAM": Tier.HOST,
+    "DISK": Tier.HOST,
 }
 
 
 def tier_from_medium(medium: str | None) -> Tier:
-    """Map a KV event's ``medium`` to a Tier (None/"GPU" -> DEVICE, "CPU" -> HOST, unknown -> HOST)."""
+    """Map a KV event's ``medium`` to a Tier (None/"GPU" -> DEVICE; "CPU", "CPU_PINNED", "DISK" and
+    unknown names -> HOST)."""
     if medium is None:
         return Tier.DEVICE
     return _MEDIUM_TO_TIER.get(medium.upper(), Tier.HOST)

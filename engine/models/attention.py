@@ -37,6 +37,7 @@ class DecodeGroup:
     rows: torch.Tensor  # [B] rows of the packed token stream
     kv_slots: torch.Tensor  # [B, Kmax] slots, padded with slot 0
     mask: torch.Tensor | None  # [B, 1, 1, Kmax] bool (True = attend); None when no padding
+    all_rows: bool = False  # rows == 0..B-1 == every row of the step: q needs no gather, out no scatter
 
 
 @dataclass
@@ -57,8 +58,11 @@ def paged_attention(
     k_cache, v_cache = kv.k[layer], kv.v[layer]
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
-    H, D = q.shape[1:]
+    T, H, D = q.shape
     KVH = k.shape[1]
+    group = batch.decode
+    if group is not None and group.all_rows:  # a pure decode step: the common case, kept short
+        return _decode(q.view(T, KVH, H // KVH, D), k_cache, v_cache, group).reshape(T, H, D)
     out = torch.empty_like(q)
 
     for seg in batch.prefills:
@@ -78,14 +82,19 @@ def paged_attention(
         )[0]
         out[rows] = o.transpose(0, 1)
 
-    if batch.decode is not None:
-        group = batch.decode
+    if group is not None:
         B = group.rows.shape[0]
-        # GQA without repeating K/V: the G query heads of one KV head become G "query positions".
-        # All of them sit at the same position, so one key mask serves them all.
         qd = q[group.rows].view(B, KVH, H // KVH, D)  # [B, KVH, G, D]
-        keys = k_cache[group.kv_slots].transpose(1, 2)  # [B, KVH, Kmax, D]
-        values = v_cache[group.kv_slots].transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, keys, values, attn_mask=group.mask)
-        out[group.rows] = o.reshape(B, H, D)
+        out[group.rows] = _decode(qd, k_cache, v_cache, group).reshape(B, H, D)
     return out
+
+
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup
+) -> torch.Tensor:
+    # q: [B, KVH, G, D] -> [B, KVH, G, D]. GQA without repeating K/V: the G query heads of one KV
+    # head become G "query positions". All of them sit at the same position, so one key mask
+    # serves them all.
+    keys = k_cache[group.kv_slots].transpose(1, 2)  # [B, KVH, Kmax, D]
+    values = v_cache[group.kv_slots].transpose(1, 2)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=group.mask)

@@ -16,6 +16,19 @@ from torch import nn
 from engine.models.attention import AttentionBatch, KVCache, paged_attention
 from engine.models.config import ModelConfig
 from engine.models.cpu_linear import PackedLinear, pack_linears
+from engine.models.quant_linear import Int4Linear, Int8Linear
+from engine.weights.quant import GroupQuant4
+
+# Hugging Face projections that share one matmul here: hf suffix -> (our module, shard index).
+FUSED_PROJECTIONS = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [T, 1, head_dim / 2] fp32, see Rotary.tables
 
 
 class RMSNorm(nn.Module):
@@ -52,12 +65,15 @@ class Rotary(nn.Module):
         self.cos = angles.cos().float().to(device)
         self.sin = angles.sin().float().to(device)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, D], positions: [T]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every token's angles, ``[T, 1, D/2]`` fp32 each: looked up once per step."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos, sin: [T, 1, D/2] (Rotary.tables)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -71,14 +87,14 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, batch: AttentionBatch, kv: KVCache
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, batch: AttentionBatch, kv: KVCache) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = rotary(q.view(T, self.num_heads, self.head_dim), positions)
-        k = rotary(k.view(T, self.num_kv_heads, self.head_dim), positions)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)  # [T, q + 2 kv]
+        H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+        # q and k heads rotate together: one set of element-wise ops instead of two.
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(T, H + KVH, D), *rope)
+        q, k = qk[:, :H], qk[:, H:]  # [T, H, D], [T, KVH, D]
+        v = qkv[:, self.q_size + self.kv_size :].view(T, KVH, D)
         out = paged_attention(q, k, v, kv, self.layer_index, batch)  # [T, H, D]
         return self.o_proj(out.reshape(T, self.q_size))
 
@@ -103,10 +119,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, batch: AttentionBatch, kv: KVCache
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, batch, kv)
+    def forward(self, x: torch.Tensor, rope: Rope, batch: AttentionBatch, kv: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -121,13 +135,56 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
-        self.packed_head: nn.Module | None = None  # see pack_for_cpu
+        self.packed_head: nn.Module | None = None  # see pack_for_cpu and quantize
 
     def pack_for_cpu(self) -> None:
         """Pre-pack every matmul weight for oneDNN (fp32 CPU inference only; weights are then frozen)."""
         pack_linears(self)
         if self.lm_head is None:  # tied: the head gets its own packed copy of the embedding
             self.packed_head = PackedLinear(self.embed_tokens.weight, None)
+
+    def shard_rows(self, module: str) -> list[int]:
+        """Output rows of each Hugging Face projection fused into ``module`` (qkv_proj, gate_up_proj)."""
+        cfg = self.config
+        q, kvs = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return {"self_attn.qkv_proj": [q, kvs, kvs], "mlp.gate_up_proj": [cfg.intermediate_size] * 2}[module]
+
+    @torch.no_grad()
+    def quantize(self, mode: str, file_groups: Iterable[tuple[str, GroupQuant4]] = ()) -> None:
+        """Swap the matmul weights for weight-only ``int4`` or ``int8`` ones (CPU; frozen afterwards).
+
+        Call on the loaded fp32 model, before ``.to(dtype)`` (which then casts the scales). ``int4``:
+        every projection takes the file's own 4-bit groups where it has them (``file_groups``, HF
+        names: GGUF Q4_0/Q4_1, served exactly), else groups quantized here from the float weight.
+        The LM head is int8 per row in both modes: its file copy is usually 8- or 6-bit, and every
+        sampled token is read from its output.
+        """
+        assert mode in ("int4", "int8"), mode
+        groups = {name.removeprefix("model."): q for name, q in file_groups}
+        for i, layer in enumerate(self.layers):
+            for parent, attr in (
+                (layer.self_attn, "qkv_proj"),
+                (layer.self_attn, "o_proj"),
+                (layer.mlp, "gate_up_proj"),
+                (layer.mlp, "down_proj"),
+            ):
+                linear: nn.Linear = getattr(parent, attr)
+                if mode == "int8":
+                    setattr(parent, attr, Int8Linear(linear.weight, linear.bias))
+                    continue
+                module = f"{'self_attn' if parent is layer.self_attn else 'mlp'}.{attr}"
+                hf_parts = [hf for hf, (ours, _) in FUSED_PROJECTIONS.items() if ours == module] or [module]
+                rows = self.shard_rows(module) if len(hf_parts) > 1 else [linear.out_features]
+                parts, start = [], 0
+                for hf, n in zip(hf_parts, rows, strict=True):
+                    own = groups.get(f"layers.{i}.{hf}.weight")
+                    parts.append(
+                        own if own is not None else GroupQuant4.from_float(linear.weight[start : start + n])
+                    )
+                    start += n
+                setattr(parent, attr, Int4Linear(GroupQuant4.cat(parts), linear.bias))
+        head = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight
+        self.packed_head = Int8Linear(head, None)
 
     @torch.inference_mode()
     def forward(
@@ -139,13 +196,14 @@ class LlamaForCausalLM(nn.Module):
         logits_indices: torch.Tensor | None = None,  # [N] rows of T whose next-token logits are wanted
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions)
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, batch, kv)
+            x = layer(x, rope, batch, kv)
         if logits_indices is not None:
             x = x[logits_indices]  # the LM head over 49k vocab is costly: only where we sample
         x = self.norm(x)
         if self.packed_head is not None:
-            return self.packed_head(x)
+            return self.packed_head(x).float()  # [N, V]
         if self.lm_head is not None:
             return self.lm_head(x).float()  # [N, V]
         return F.linear(x, self.embed_tokens.weight).float()
@@ -153,26 +211,16 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up as they arrive."""
         params = dict(self.named_parameters())
-        fused = {  # hf suffix -> (our suffix, shard index)
-            "self_attn.q_proj": ("self_attn.qkv_proj", 0),
-            "self_attn.k_proj": ("self_attn.qkv_proj", 1),
-            "self_attn.v_proj": ("self_attn.qkv_proj", 2),
-            "mlp.gate_proj": ("mlp.gate_up_proj", 0),
-            "mlp.up_proj": ("mlp.gate_up_proj", 1),
-        }
-        cfg = self.config
-        q, kvs = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        shard_rows = {"self_attn.qkv_proj": [q, kvs, kvs], "mlp.gate_up_proj": [cfg.intermediate_size] * 2}
         loaded: set[str] = set()
         for name, tensor in tensors:
             name = name.removeprefix("model.")
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints store the copy anyway
-            for hf, (ours, shard) in fused.items():
+            for hf, (ours, shard) in FUSED_PROJECTIONS.items():
                 if f".{hf}." in name:
                     name = name.replace(hf, ours)
                     param = params[name]
-                    rows = shard_rows[ours]
+                    rows = self.shard_rows(ours)
                     start = sum(rows[:shard])
                     param.data[start : start + rows[shard]].copy_(tensor)
                     break

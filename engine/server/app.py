@@ -21,7 +21,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.loader import LoadedModel, load_model
-from engine.server import admin_api, openai_api, sglang_api
+from engine.server import admin_api, openai_api, sglang_api, transfer_api
 from engine.server.kv_events import (
     KVEventPublisher,
     load_curve_secret_key,
@@ -30,6 +30,7 @@ from engine.server.kv_events import (
 )
 from engine.server.metrics import ServerMetrics
 from engine.server.state import STATE, ServerSettings, ServerState
+from engine.transfer.service import TransferService
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,23 @@ def load_engine(
 
 
 def create_app(
-    engine: AsyncEngine, settings: ServerSettings, publisher: KVEventPublisher | None = None
+    engine: AsyncEngine,
+    settings: ServerSettings,
+    publisher: KVEventPublisher | None = None,
+    transfer: TransferService | None = None,
 ) -> web.Application:
-    """One app per engine at a time: its step loop owns the engine while the app runs."""
+    """One app per engine at a time: its step loop owns the engine while the app runs. ``transfer``:
+    a KV transfer service (built from ``settings.kv_transfer`` when that is set and this is None)."""
     app = web.Application(middlewares=[error_middleware], client_max_size=64 * 2**20)
-    app[STATE] = ServerState(engine, settings, ServerMetrics(engine), publisher)
+    if transfer is None and settings.kv_transfer is not None:
+        transfer = TransferService(engine, settings.kv_transfer)
+    app[STATE] = ServerState(engine, settings, ServerMetrics(engine), publisher, transfer)
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_drain)
     openai_api.add_routes(app)
     sglang_api.add_routes(app)
     admin_api.add_routes(app)
+    transfer_api.add_routes(app)
     return app
 
 
@@ -84,6 +92,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if state.publisher is not None:
         state.publisher.start()
     state.engine.start()
+    if state.transfer is not None:
+        await state.transfer.start()
+        log.info(
+            "KV transfer: %s segment %s", state.transfer.transport.name, state.transfer.transport.segment
+        )
     state.ready = True
     info = state.info
     log.info(
@@ -96,6 +109,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         state.ready = False
+        if state.transfer is not None:
+            await state.transfer.close()
         await state.engine.stop()
         if state.publisher is not None:
             await asyncio.to_thread(state.publisher.close)

@@ -11,9 +11,11 @@ import asyncio
 import logging
 import signal
 
-from engine.config import EngineConfig
+from engine.config import WRITE_POLICIES, EngineConfig
+from engine.models.quant_linear import WEIGHT_MODES
 from engine.server.app import create_app, load_engine, start_site
 from engine.server.state import ServerSettings
+from engine.transfer.config import TransferConfig
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default=defaults.dtype, help="auto | float32 | bfloat16 | float16")
     parser.add_argument(
+        "--weights",
+        default=defaults.weights,
+        choices=WEIGHT_MODES,
+        help="matmul weights: auto (int4 on CPU with bf16, else float) | float | int8 | int4 (CPU)",
+    )
+    parser.add_argument(
         "--page-size", type=int, default=defaults.page_size, help="tokens per KV page (and hashed block)"
     )
     parser.add_argument(
@@ -78,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-model-len", type=int, default=None, help="context length cap")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_hicache_arguments(parser, defaults)
+    _add_kv_transfer_arguments(parser)
     parser.add_argument(
         "--shutdown-grace",
         type=float,
@@ -87,20 +97,110 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    config = EngineConfig(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        page_size=args.page_size,
-        max_batch_tokens=args.max_batch_tokens,
-        max_running=args.max_running,
-        kv_cache_tokens=args.kv_cache_tokens,
-        kv_cache_memory_gib=args.kv_cache_memory_gib,
-        max_model_len=args.max_model_len,
-        model_id=args.model_id,
-        threads=args.threads,
+def _add_hicache_arguments(parser: argparse.ArgumentParser, defaults: EngineConfig) -> None:
+    tiers = parser.add_argument_group(
+        "KV tiers (SGLang HiCache's flags)",
+        "a host pool under the device pool and an optional disk tier; evicted prefixes are demoted, "
+        "and loaded back when copying is measured cheaper than recomputing",
     )
+    tiers.add_argument(
+        "--enable-hierarchical-cache",
+        action="store_true",
+        help="keep prefixes evicted from the device pool in host memory (and on disk, with --hicache-disk-dir)",
+    )
+    tiers.add_argument(
+        "--hicache-ratio",
+        type=float,
+        default=defaults.hicache_ratio,
+        help="host pool size as a multiple of the device pool (default: %(default)s)",
+    )
+    tiers.add_argument(
+        "--hicache-size",
+        type=float,
+        default=defaults.hicache_size_gib,
+        metavar="GIB",
+        help="host pool size in GiB; overrides --hicache-ratio when > 0",
+    )
+    tiers.add_argument(
+        "--hicache-write-policy",
+        choices=WRITE_POLICIES,
+        default=defaults.hicache_write_policy,
+        help="when a device page gets its host copy: at insert (write_through), at its second hit "
+        "(write_through_selective) or at eviction (write_back) (default: %(default)s)",
+    )
+    tiers.add_argument(
+        "--hicache-disk-dir",
+        default=None,
+        metavar="DIR",
+        help="disk tier: page files (checksummed) that a restarted engine serves from",
+    )
+    tiers.add_argument(
+        "--hicache-disk-size",
+        type=float,
+        default=defaults.hicache_disk_size_gib,
+        metavar="GIB",
+        help="disk tier capacity (default: %(default)s)",
+    )
+    tiers.add_argument(
+        "--hicache-min-load-tokens",
+        type=int,
+        default=defaults.hicache_min_load_tokens,
+        help="shorter lower-tier prefixes are recomputed, never loaded back (default: %(default)s)",
+    )
+
+
+def _add_kv_transfer_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TransferConfig()
+    group = parser.add_argument_group(
+        "KV transfer (docs/kv-transfer.md)",
+        "pull a cached prefix from a peer engine when a request carries a fetch plan, and serve "
+        "this engine's cached prefixes to peers (Mooncake's Transfer Engine)",
+    )
+    group.add_argument("--kv-transfer", action="store_true", help="run the KV transfer service")
+    group.add_argument(
+        "--kv-transfer-host",
+        default=defaults.host,
+        help="address the transfer engine listens on (default: %(default)s; peers read from it)",
+    )
+    group.add_argument(
+        "--kv-transfer-buffer-mib",
+        type=int,
+        default=defaults.export_buffer_mib,
+        help="export and import staging memory, each (default: %(default)s MiB)",
+    )
+    group.add_argument(
+        "--kv-transfer-timeout",
+        type=float,
+        default=defaults.timeout_s,
+        metavar="SECONDS",
+        help="one fetch, end to end, before the request recomputes (default: %(default)s)",
+    )
+    group.add_argument(
+        "--kv-transfer-lease-ttl",
+        type=float,
+        default=defaults.lease_ttl_s,
+        metavar="SECONDS",
+        help="staged pages a reader never released are freed after this (default: %(default)s)",
+    )
+
+
+def _transfer_config(args: argparse.Namespace) -> TransferConfig | None:
+    if not args.kv_transfer:
+        return None
+    return TransferConfig(
+        host=args.kv_transfer_host,
+        export_buffer_mib=args.kv_transfer_buffer_mib,
+        import_buffer_mib=args.kv_transfer_buffer_mib,
+        timeout_s=args.kv_transfer_timeout,
+        lease_ttl_s=args.kv_transfer_lease_ttl,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = _engine_config(args)
+    except ValueError as exc:  # inconsistent flags (e.g. a disk tier without the hierarchical cache)
+        raise SystemExit(f"prefixgate engine: {exc}") from None
     settings = ServerSettings(
         host=args.host,
         port=args.port,
@@ -110,12 +210,37 @@ def run(args: argparse.Namespace) -> int:
         kv_events_curve_secret_key_file=args.kv_events_curve_secret_key,
         kv_events_curve_clients_dir=args.kv_events_curve_clients,
         shutdown_grace_s=args.shutdown_grace,
+        kv_transfer=_transfer_config(args),
     )
     try:
         engine, publisher = load_engine(config, settings)
     except ValueError as exc:  # settings that would expose KV events: say what to change
         raise SystemExit(f"prefixgate engine: {exc}") from None
     return asyncio.run(_serve(create_app(engine, settings, publisher), settings))
+
+
+def _engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        weights=args.weights,
+        page_size=args.page_size,
+        max_batch_tokens=args.max_batch_tokens,
+        max_running=args.max_running,
+        kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_memory_gib=args.kv_cache_memory_gib,
+        max_model_len=args.max_model_len,
+        model_id=args.model_id,
+        threads=args.threads,
+        enable_hierarchical_cache=args.enable_hierarchical_cache,
+        hicache_ratio=args.hicache_ratio,
+        hicache_size_gib=args.hicache_size,
+        hicache_write_policy=args.hicache_write_policy,
+        hicache_disk_dir=args.hicache_disk_dir,
+        hicache_disk_size_gib=args.hicache_disk_size,
+        hicache_min_load_tokens=args.hicache_min_load_tokens,
+    )
 
 
 async def _serve(app, settings: ServerSettings) -> int:

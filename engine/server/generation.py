@@ -35,6 +35,12 @@ async def generate_chunks(
     final: GenerationChunk | None = None
     cancelled = False
     try:
+        if req.kv_fetch_plan is not None:
+            try:
+                await _fetch_prefix(state, req)
+            except asyncio.CancelledError:  # the client went away during the fetch
+                cancelled = True
+                raise
         stream = state.engine.generate(req.prompt_ids, req.sampling, request_id, req.cache_salt)
         try:
             async for chunk in stream:
@@ -66,6 +72,17 @@ async def generate_chunks(
     finally:
         tracker.remove(request_id)
         metrics.record_request(endpoint, final, time.perf_counter() - start, cancelled)
+
+
+async def _fetch_prefix(state: ServerState, req: GenerationRequest) -> None:
+    """Pull the plan's prefix from its source before the prefill is scheduled. Never fails the
+    request: what was not fetched is recomputed (an engine without a transfer service ignores plans)."""
+    assert req.kv_fetch_plan is not None
+    if state.transfer is None:
+        state.metrics.record_fetch(None)
+        return
+    outcome = await state.transfer.fetch(req.kv_fetch_plan, req.prompt_ids, req.cache_salt)
+    state.metrics.record_fetch(outcome)
 
 
 def _aborted_chunk(request_id: str, req: GenerationRequest, last: GenerationChunk | None) -> GenerationChunk:

@@ -5,6 +5,9 @@ a msgpack ``EventBatch`` in vLLM's array-like encoding (``cache.wire.events``). 
 ``cache.wire.hashing``'s chained hashes rooted at ``namespace_seed(model_id)``, so they equal what the
 gateway computes for the same token ids.
 
+Tiers: with the hierarchical cache, ``medium`` says which tier changed, in SGLang's names (``GPU``,
+``CPU_PINNED``, ``DISK``); without it, device events carry None, as vLLM's GPU prefix cache does.
+
 Privacy: events carry what routing needs (hashes, parent, block size, medium). ``BlockStored``'s
 ``token_ids`` is empty unless the operator opts in (``include_token_ids``): the ids are every
 tenant's prompt text. The socket binds this host only (loopback, ipc, inproc) unless it is
@@ -140,21 +143,25 @@ class KVEventPublisher:
         self._bound = threading.Event()
         self._error: BaseException | None = None
         self.seq = 0  # next sequence number (owned by the sender thread)
+        # First on the wire: a fresh engine holds nothing, except what it announces next (an engine
+        # built after this, with a disk tier, announces the pages it restored before ``start``).
+        self._queue.put(AllBlocksCleared())
 
     # -- CacheListener (engine thread) ------------------------------------------------------------
-    def stored(self, parent_hash: int | None, hashes: list[int], token_ids: list[int]) -> None:
+    def stored(
+        self, parent_hash: int | None, hashes: list[int], token_ids: list[int], medium: str | None
+    ) -> None:
         ids = list(token_ids) if self.include_token_ids else []  # prompt text: only if the operator opts in
-        self._queue.put(BlockStored(list(hashes), parent_hash, ids, self.page_size))
+        self._queue.put(BlockStored(list(hashes), parent_hash, ids, self.page_size, medium=medium))
 
-    def removed(self, hashes: list[int]) -> None:
-        self._queue.put(BlockRemoved(list(hashes)))
+    def removed(self, hashes: list[int], medium: str | None) -> None:
+        self._queue.put(BlockRemoved(list(hashes), medium))
 
     def cleared(self) -> None:
         self._queue.put(AllBlocksCleared())
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
-        self._queue.put(AllBlocksCleared())
         self._thread = threading.Thread(target=self._run, name="kv-event-publisher", daemon=True)
         self._thread.start()
         self._bound.wait(timeout=10)

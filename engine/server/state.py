@@ -17,6 +17,8 @@ from engine.engine import EngineInfo
 from engine.server.kv_events import KVEventPublisher
 from engine.server.metrics import ServerMetrics
 from engine.server.tracker import RequestTracker
+from engine.transfer.config import TransferConfig
+from engine.transfer.service import TransferService
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class ServerSettings:
     kv_events_curve_clients_dir: str | None = None  # with CURVE: only these client keys may subscribe
     shutdown_grace_s: float = 30.0  # in-flight requests get this long to finish on shutdown
     health_generate_timeout_s: float = 20.0
+    kv_transfer: TransferConfig | None = None  # None = no KV transfer service (no fetch plans, no exports)
 
 
 @dataclass
@@ -38,6 +41,7 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics
     publisher: KVEventPublisher | None = None
+    transfer: TransferService | None = None
     tracker: RequestTracker = field(default_factory=RequestTracker)
     started: float = field(default_factory=time.time)
     ready: bool = False  # the step loop runs

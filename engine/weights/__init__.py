@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
     from engine.models.config import ModelConfig
+    from engine.weights.quant import GroupQuant4
 
 __all__ = [
     "Checkpoint",
@@ -45,9 +46,15 @@ class Checkpoint:
     tokenizer_source: TokenizerSource
     path: Path
     read_tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    read_group_quantized: Callable[[], Iterator[tuple[str, GroupQuant4]]] | None = None
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.read_tensors()
+
+    def group_quantized(self) -> Iterator[tuple[str, GroupQuant4]]:
+        """The tensors the file stores in 4-bit groups (GGUF Q4_0/Q4_1), as stored: HF names, no
+        dequantization. Weight-only int4 serving uses them as they are instead of re-quantizing."""
+        return iter(()) if self.read_group_quantized is None else self.read_group_quantized()
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

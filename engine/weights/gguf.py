@@ -16,6 +16,7 @@ from cache.prompt.gguf_meta import GGUFFile, open_gguf
 from cache.prompt.model_files import WeightLoadError
 from engine.models.config import ModelConfig
 from engine.weights import Checkpoint
+from engine.weights.quant import GGUF_Q4_TYPES, GroupQuant4
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -120,19 +121,40 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, head_half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def rotary_permuted_heads(config: ModelConfig, gguf_name: str) -> int | None:
+    """Heads whose rows llama.cpp permuted in this tensor (llama q/k), else None.
+
+    qwen2 uses NEOX-style RoPE in llama.cpp, so its converter leaves q/k rows alone."""
+    if config.architecture == "llama" and ".attn_q." in gguf_name:
+        return config.num_heads
+    if config.architecture == "llama" and ".attn_k." in gguf_name:
+        return config.num_kv_heads
+    return None
+
+
 def iter_gguf_tensors(meta: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     for info in meta.reader.tensors:
         name = hf_name(info.name)
         # info.shape is in ggml order (fastest dimension first); torch wants the reverse.
         shape = tuple(int(d) for d in reversed(info.shape))
         weight = dequantize(info.data, info.tensor_type).reshape(shape)
-        # qwen2 uses NEOX-style RoPE in llama.cpp, so its converter leaves q/k rows alone.
-        if config.architecture == "llama" and ".attn_q." in info.name:
-            weight = unpermute_rotary_rows(weight, config.num_heads)
-        elif config.architecture == "llama" and ".attn_k." in info.name:
-            weight = unpermute_rotary_rows(weight, config.num_kv_heads)
+        if (heads := rotary_permuted_heads(config, info.name)) is not None:
+            weight = unpermute_rotary_rows(weight, heads)
         # Copy: the dequantized array may be a read-only view of the memory-mapped file.
         yield name, torch.from_numpy(np.array(weight, dtype=np.float32, copy=True))
+
+
+def iter_gguf_group_quantized(meta: GGUFFile, config: ModelConfig) -> Iterator[tuple[str, GroupQuant4]]:
+    """The file's Q4_0/Q4_1 tensors as their own 4-bit groups (HF names and row order); others skipped."""
+    for info in meta.reader.tensors:
+        if info.tensor_type not in GGUF_Q4_TYPES:
+            continue
+        shape = tuple(int(d) for d in reversed(info.shape))
+        assert len(shape) == 2, f"{info.name}: a 4-bit tensor that is not a matrix"
+        quant = GroupQuant4.from_gguf_blocks(info.data, info.tensor_type, (shape[0], shape[1]))
+        if (heads := rotary_permuted_heads(config, info.name)) is not None:
+            quant = quant.rows(unpermute_rotary_rows(np.arange(shape[0]), heads))
+        yield hf_name(info.name), quant
 
 
 def open_gguf_checkpoint(path: Path) -> Checkpoint:
@@ -146,5 +168,9 @@ def open_gguf_checkpoint(path: Path) -> Checkpoint:
                 f"supported: {', '.join(sorted(t.name for t in SUPPORTED_TYPES))}"
             )
     return Checkpoint(
-        config=config, tokenizer_source=meta, path=path, read_tensors=partial(iter_gguf_tensors, meta, config)
+        config=config,
+        tokenizer_source=meta,
+        path=path,
+        read_tensors=partial(iter_gguf_tensors, meta, config),
+        read_group_quantized=partial(iter_gguf_group_quantized, meta, config),
     )

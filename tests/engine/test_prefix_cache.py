@@ -225,10 +225,10 @@ def test_reset_frees_everything_and_tells_the_listener() -> None:
     events: list[tuple] = []
 
     class Listener:
-        def stored(self, parent_hash, hashes, token_ids):
+        def stored(self, parent_hash, hashes, token_ids, medium):
             events.append(("stored", parent_hash, tuple(hashes), len(token_ids)))
 
-        def removed(self, hashes):
+        def removed(self, hashes, medium):
             events.append(("removed", tuple(hashes)))
 
         def cleared(self):
@@ -277,10 +277,12 @@ def test_namespaces_never_share_pages_and_hash_from_their_own_root() -> None:
     stored: list[tuple[int | None, list[int]]] = []
 
     class Listener:
-        def stored(self, parent_hash: int | None, hashes: list[int], token_ids: list[int]) -> None:
+        def stored(
+            self, parent_hash: int | None, hashes: list[int], token_ids: list[int], medium: str | None
+        ) -> None:
             stored.append((parent_hash, hashes))
 
-        def removed(self, hashes: list[int]) -> None: ...
+        def removed(self, hashes: list[int], medium: str | None) -> None: ...
         def cleared(self) -> None: ...
 
     def hasher(parent: int | None, key: Sequence[int]) -> list[int]:

@@ -83,13 +83,16 @@ class EventMirror:
     def __init__(self) -> None:
         self.hashes: set[int] = set()
 
-    def stored(self, parent_hash: int | None, hashes: list[int], token_ids: list[int]) -> None:
+    def stored(
+        self, parent_hash: int | None, hashes: list[int], token_ids: list[int], medium: str | None
+    ) -> None:
+        assert medium is None, "a single pool names its device as vLLM does"
         assert parent_hash is None or parent_hash in self.hashes, "stored under an unknown parent"
         assert hashes == chained_hashes(parent_hash, token_ids)
         assert self.hashes.isdisjoint(hashes), "stored twice"
         self.hashes.update(hashes)
 
-    def removed(self, hashes: list[int]) -> None:
+    def removed(self, hashes: list[int], medium: str | None) -> None:
         assert self.hashes.issuperset(hashes), "removed a block never stored"
         self.hashes.difference_update(hashes)
 

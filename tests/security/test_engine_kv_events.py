@@ -52,7 +52,7 @@ def first_block_stored(pub: KVEventPublisher, sub: zmq.Socket, attempts: int = 4
     """Publish until the subscriber gets a BlockStored (a ZMQ subscription takes a moment to join);
     None if it never does (``attempts`` polls of 50 ms)."""
     for _ in range(attempts):
-        pub.stored(None, [11, 12], TOKENS)
+        pub.stored(None, [11, 12], TOKENS, None)
         while sub.poll(50):
             _, _, payload = sub.recv_multipart()
             stored = [e for e in decode_event_batch(payload).events if isinstance(e, BlockStored)]

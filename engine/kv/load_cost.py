@@ -1,0 +1,41 @@
+"""When loading a prefix back from a lower tier pays: measured copy time against measured prefill time.
+
+Pure Python. The engine feeds it the rate of every large forward pass; the tiers supply their
+measured bandwidths. Before a rate is known (a fresh engine), loading is assumed to pay: on every
+machine this engine targets a page copy is orders of magnitude cheaper than its recompute, and the
+first forward pass measures the rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class LoadCost:
+    min_load_tokens: int  # a shorter lower-tier prefix is recomputed (not worth a copy's fixed cost)
+    prefill_tokens_per_s: float | None = None  # measured (EWMA) over forward passes
+    min_observed_tokens: int = 32  # smaller steps are decode-bound; their rate says nothing of prefill
+
+    def observe_forward(self, num_tokens: int, seconds: float) -> None:
+        if num_tokens < self.min_observed_tokens or seconds <= 0:
+            return
+        rate, old = num_tokens / seconds, self.prefill_tokens_per_s
+        self.prefill_tokens_per_s = rate if old is None else 0.8 * old + 0.2 * rate
+
+    def load_seconds(
+        self, host_bytes: int, disk_bytes: int, copy_bytes_per_s: float | None, disk_bytes_per_s: float | None
+    ) -> float:
+        """Estimated time to bring these bytes to the device (0 for an unmeasured path)."""
+        seconds = (host_bytes + disk_bytes) / copy_bytes_per_s if copy_bytes_per_s else 0.0
+        if disk_bytes and disk_bytes_per_s:
+            seconds += disk_bytes / disk_bytes_per_s
+        return seconds
+
+    def pays(self, num_tokens: int, load_seconds: float) -> bool:
+        """All-or-nothing for one request's lower-tier prefix of ``num_tokens`` tokens."""
+        if num_tokens < self.min_load_tokens:
+            return False
+        if self.prefill_tokens_per_s is None:
+            return True
+        return load_seconds < num_tokens / self.prefill_tokens_per_s
