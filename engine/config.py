@@ -2,35 +2,77 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+TIERS = "tiers"  # the argument group of the KV-tier flags
+
+
+def _flag(default: Any, help: str, **more: Any) -> Any:
+    return field(default=default, metadata={"help": help, **more})
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # .gguf file or Hugging Face directory; None = bundled SmolLM2-135M-Instruct
-    device: str = "auto"  # "auto" = cuda when present, else cpu
-    dtype: str = "auto"  # "auto" = bf16 where the device computes it natively, else fp32
-    page_size: int = 16  # tokens per KV page (and per hashed block)
-    max_batch_tokens: int = 512  # per-step token budget: decodes + prefill chunks
-    max_running: int = 64  # concurrently running sequences
-    kv_cache_tokens: int | None = None  # KV pool capacity; None = from kv_cache_memory_gib
-    kv_cache_memory_gib: float = 1.0
-    max_model_len: int | None = None  # None = the model's context length
-    model_id: str | None = None  # the name served over the API; None = derived from the file name
-    threads: int | None = None  # CPU threads for torch; None = torch's default
+    """Fields with ``help`` are ``prefixgate engine`` flags (``cache.api.flags``), named as the field."""
+
+    model: str | None = _flag(
+        None, ".gguf file or Hugging Face directory (default: bundled SmolLM2-135M-Instruct)"
+    )
+    device: str = _flag("auto", "auto (cuda when present, else cpu) | cpu | cuda | cuda:N")
+    dtype: str = _flag(
+        "auto", "auto (bf16 where the device computes it natively, else fp32) | float32 | bfloat16 | float16"
+    )
+    page_size: int = _flag(16, "tokens per KV page (and per hashed block)")
+    max_batch_tokens: int = _flag(512, "per-step token budget: decodes + prefill chunks")
+    max_running: int = _flag(64, "concurrently running sequences")
+    kv_cache_tokens: int | None = _flag(
+        None, "KV pool capacity in tokens (default: from --kv-cache-memory-gib)"
+    )
+    kv_cache_memory_gib: float = _flag(1.0, "KV pool size when --kv-cache-tokens is not given")
+    max_model_len: int | None = _flag(None, "context length cap (default: the model's)")
+    model_id: str | None = _flag(None, "name served over the API (default: from the file name)")
+    threads: int | None = _flag(None, "torch CPU threads (default: torch's)")
     cpu_packed_linears: bool = True  # oneDNN pre-packed weights for fp32 on CPU (2-3x faster decode)
     # Matmul weights: "float" (dequantized, in dtype), "int8" (per row) or "int4" (groups of 32; a Q4
     # GGUF's own blocks), weight-only, CPU only, for small decode batches; "auto" = int4 on CPUs with
     # PyTorch's kernels when dtype is bf16 (with fp32 activations the kernels are slower), else float.
-    weights: str = "auto"
+    weights: str = _flag(
+        "auto", "matmul weights: auto (int4 on CPU with bf16, else float) | float | int8 | int4"
+    )
     # KV tiers (SGLang HiCache's flags): a host pool under the device pool, and an optional disk tier.
-    enable_hierarchical_cache: bool = False  # off: one pool, evicted prefixes are recomputed (as before)
-    hicache_ratio: float = 2.0  # host pool size as a multiple of the device pool
-    hicache_size_gib: float = 0.0  # host pool size in GiB; 0 = from hicache_ratio
-    hicache_write_policy: str = "write_through"  # or write_through_selective (2nd hit), write_back
-    hicache_disk_dir: str | None = None  # directory of page files that survives a restart; None = no disk
-    hicache_disk_size_gib: float = 8.0
-    hicache_min_load_tokens: int = 64  # shorter lower-tier prefixes are recomputed, never loaded back
+    enable_hierarchical_cache: bool = _flag(
+        False,
+        "keep prefixes evicted from the device pool in host memory (and on disk, with --hicache-disk-dir);"
+        " off: one pool, evicted prefixes are recomputed",
+        group=TIERS,
+    )
+    hicache_ratio: float = _flag(2.0, "host pool size as a multiple of the device pool", group=TIERS)
+    hicache_size_gib: float = _flag(
+        0.0,
+        "host pool size in GiB; overrides --hicache-ratio when > 0",
+        group=TIERS,
+        flag="--hicache-size",
+        metavar="GIB",
+    )
+    hicache_write_policy: str = _flag(
+        "write_through",
+        "when a device page gets its host copy: at insert (write_through), at its second hit "
+        "(write_through_selective) or at eviction (write_back)",
+        group=TIERS,
+    )
+    hicache_disk_dir: str | None = _flag(
+        None,
+        "disk tier: checksummed page files that a restarted engine serves from",
+        group=TIERS,
+        metavar="DIR",
+    )
+    hicache_disk_size_gib: float = _flag(
+        8.0, "disk tier capacity in GiB", group=TIERS, flag="--hicache-disk-size", metavar="GIB"
+    )
+    hicache_min_load_tokens: int = _flag(
+        64, "shorter lower-tier prefixes are recomputed, never loaded back", group=TIERS
+    )
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.max_batch_tokens < 1 or self.max_running < 1:

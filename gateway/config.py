@@ -1,6 +1,6 @@
 """Gateway configuration, built once from the command line and passed down.
 
-Fields with ``help`` metadata are command-line flags (``gateway.cli_config``); the others are set in code.
+Fields with ``help`` metadata are command-line flags (``cache.api.flags``); the others are set in code.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ import os
 
 from aiohttp import web
 
+from cache.api.flags import add_config_arguments
+from cache.api.flags import config_from_args as config_fields_from_args
 from gateway.app import create_app, server_options
-from gateway.cli_config import add_config_arguments
-from gateway.cli_config import config_from_args as config_fields_from_args
 from gateway.config import GatewayConfig, RoutingConfig
 from gateway.policies import POLICIES
 from gateway.tenancy import METRICS_KEY_ENV, SALT_SECRET_ENV, load_api_keys, salt_secret

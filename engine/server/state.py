@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -21,16 +22,42 @@ from engine.transfer.config import TransferConfig
 from engine.transfer.service import TransferService
 
 
+def _flag(default: Any, help: str, **more: Any) -> Any:
+    return field(default=default, metadata={"help": help, **more})
+
+
 @dataclass(frozen=True)
 class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 30000
-    kv_events_endpoint: str | None = None  # e.g. "tcp://127.0.0.1:5557"; None = no KV events
-    kv_events_token_ids: bool = False  # put prompt token ids in BlockStored (they reveal prompt text)
-    kv_events_allow_remote: bool = False  # bind a non-loopback endpoint without CURVE
-    kv_events_curve_secret_key_file: str | None = None  # encrypt with CURVE (this server's secret key)
-    kv_events_curve_clients_dir: str | None = None  # with CURVE: only these client keys may subscribe
-    shutdown_grace_s: float = 30.0  # in-flight requests get this long to finish on shutdown
+    """Fields with ``help`` are ``prefixgate engine`` flags (``cache.api.flags``)."""
+
+    host: str = _flag("127.0.0.1", "address to bind")
+    port: int = _flag(30000, "port to listen on")
+    kv_events_endpoint: str | None = _flag(
+        None,
+        "publish KV cache events on this ZMQ PUB address, e.g. tcp://127.0.0.1:5557 (other hosts' addresses "
+        "need --kv-events-curve-secret-key or --kv-events-allow-remote); default: no events",
+        metavar="ZMQ_ADDR",
+    )
+    kv_events_token_ids: bool = _flag(
+        False, "include prompt token ids in BlockStored events (they reveal every tenant's prompt text)"
+    )
+    kv_events_allow_remote: bool = _flag(False, "allow a non-loopback KV event endpoint without encryption")
+    kv_events_curve_secret_key_file: str | None = _flag(
+        None,
+        "encrypt KV events with ZMQ CURVE: this server's secret key (zmq.curve_keypair()'s 40-character "
+        "Z85 secret, or a .key_secret certificate); subscribers need its public key",
+        flag="--kv-events-curve-secret-key",
+        metavar="FILE",
+    )
+    kv_events_curve_clients_dir: str | None = _flag(
+        None,
+        "with CURVE: only clients whose public-key certificates are in DIR may subscribe",
+        flag="--kv-events-curve-clients",
+        metavar="DIR",
+    )
+    shutdown_grace_s: float = _flag(
+        30.0, "how long in-flight requests may run after SIGTERM", flag="--shutdown-grace", metavar="SECONDS"
+    )
     health_generate_timeout_s: float = 20.0
     kv_transfer: TransferConfig | None = None  # None = no KV transfer service (no fetch plans, no exports)
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from cache.api.flags import add_config_arguments, config_from_args
 from gateway import run, serve
-from gateway.cli_config import add_config_arguments, config_from_args
 from gateway.config import GatewayConfig, RoutingConfig
 
 

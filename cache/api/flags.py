@@ -5,15 +5,17 @@ A field is a flag when its metadata has ``help``::
     port: int = field(default=8080, metadata={"help": "listen port"})
 
 * name: ``--kebab-case`` of the field name, or ``metadata["flag"]``; the parsed value lands in
-  ``args.<field name>`` whatever the flag is called;
+  ``args.<field name>`` whatever the flag is called (or ``args.<metadata["dest"]>``, for two configs
+  on one parser with a field of the same name);
 * default: the dataclass default;
 * type from the annotation: ``int``, ``float``, ``str`` and ``X | None`` take one value of that type;
   ``bool`` is a switch (``store_true`` when the default is False, ``store_false`` when it is True: name
   that flag ``--no-...``); ``tuple[X, ...]`` is repeatable, and given zero times leaves the default;
-* ``metadata["metavar"]`` and ``metadata["choices"]`` pass through to argparse.
+* ``metadata["metavar"]`` and ``metadata["choices"]`` pass through to argparse;
+* ``metadata["group"]`` names an argument group (``groups`` gives its title and description).
 
 Fields without ``help`` (nested configs, secrets, values that need loading) are not flags: the caller
-passes them to ``config_from_args`` as keywords. Nothing here is gateway-specific.
+passes them to ``config_from_args`` as keywords. The gateway and the engine both map their configs with it.
 """
 
 from __future__ import annotations
@@ -45,19 +47,28 @@ def add_config_arguments(
     *,
     exclude: Collection[str] = (),
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    groups: Mapping[str, tuple[str, str]] | None = None,
 ) -> None:
     """Add a flag for every flag field of ``config_cls`` but ``exclude``; ``overrides[name]`` adds or
-    replaces argparse keywords of one flag (e.g. ``choices`` known only where the parser is built)."""
+    replaces argparse keywords of one flag (e.g. ``choices`` known only where the parser is built);
+    ``groups[name] = (title, description)`` for the argument groups fields name in their metadata."""
     hints = typing.get_type_hints(config_cls)
+    made: dict[str, ArgumentContainer] = {}
     for f in flag_fields(config_cls, exclude):
+        target = parser
+        if (group := f.metadata.get("group")) is not None:
+            if group not in made:
+                title, description = (groups or {}).get(group, (group, None))
+                made[group] = parser.add_argument_group(title, description)  # type: ignore[attr-defined]
+            target = made[group]
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        kwargs: dict[str, Any] = {"dest": _dest(f), "help": f.metadata["help"]}
         kwargs.update(_value_kwargs(f, hints[f.name]))
         for key in ("metavar", "choices"):
             if key in f.metadata:
                 kwargs[key] = f.metadata[key]
         kwargs.update((overrides or {}).get(f.name, {}))
-        parser.add_argument(flag, **kwargs)
+        target.add_argument(flag, **kwargs)
 
 
 def config_from_args(config_cls: type[T], args: argparse.Namespace, **values: Any) -> T:
@@ -65,15 +76,19 @@ def config_from_args(config_cls: type[T], args: argparse.Namespace, **values: An
     neither given nor a flag keeps its default; so does a repeatable flag given zero times."""
     hints = typing.get_type_hints(config_cls)
     for f in flag_fields(config_cls, exclude=values):
-        if not hasattr(args, f.name):
+        if not hasattr(args, _dest(f)):
             continue  # excluded when the parser was built
-        value = getattr(args, f.name)
+        value = getattr(args, _dest(f))
         if _is_tuple(hints[f.name]):
             if not value:
                 continue
             value = tuple(value)
         values[f.name] = value
     return config_cls(**values)
+
+
+def _dest(f: dataclasses.Field) -> str:
+    return f.metadata.get("dest", f.name)
 
 
 def _value_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
