@@ -36,9 +36,14 @@ class EngineConfig:
     cpu_packed_linears: bool = True  # oneDNN pre-packed weights for fp32 on CPU (2-3x faster decode)
     # Matmul weights: "float" (dequantized, in dtype), "int8" (per row) or "int4" (groups of 32; a Q4
     # GGUF's own blocks), weight-only, CPU only, for small decode batches; "auto" = int4 on CPUs with
-    # PyTorch's kernels when dtype is bf16 (with fp32 activations the kernels are slower), else float.
+    # PyTorch's kernels when dtype is bf16, else float. Float is the default: the quantized modes serve
+    # decode steps from the 4-bit weights and larger steps from dense copies, so a prompt whose prefix
+    # is cached (its first step is small) can round differently from the same prompt computed cold,
+    # and in bf16 that flips greedy near-ties. Opt in for batch-1 decode speed (docs/benchmarks.md).
     weights: str = _flag(
-        "auto", "matmul weights: auto (int4 on CPU with bf16, else float) | float | int8 | int4"
+        "float",
+        "matmul weights: float | int8 | int4 | auto (int4 on CPU with bf16, else float); the quantized "
+        "modes decode about 2x faster at batch 1 but cached and cold prompts may round differently",
     )
     # KV tiers (SGLang HiCache's flags): a host pool under the device pool, and an optional disk tier.
     enable_hierarchical_cache: bool = _flag(
