@@ -58,13 +58,40 @@ class GatewayConfig:
             "metavar": "URL",
         },
     )
+    worker_dns: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "a DNS name whose addresses are workers (a Kubernetes headless service), resolved every "
+            "--worker-dns-interval: new addresses are attached, vanished ones drained; repeatable",
+            "flag": "--worker-dns",
+            "metavar": "HOST:PORT",
+        },
+    )
+    worker_dns_interval_s: float = field(
+        default=10.0, metadata={"help": "seconds between two resolutions of --worker-dns names"}
+    )
+    worker_events: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "a worker's KV-event PUB address (for SGLang/vLLM workers whose server info does not "
+            "reveal it): URL=tcp://host:port to connect to, URL=bind:tcp://host:port for a gateway-bound "
+            "one (the engine connects); repeatable",
+            "flag": "--worker-events",
+            "metavar": "URL=ENDPOINT",
+        },
+    )
     model: str | None = field(
         default=None, metadata={"help": "tokenizer source (.gguf or HF dir); default: bundled model"}
     )
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     redis_url: str | None = field(  # None: the index and shared state stay in this process
         default=None,
-        metadata={"help": "share the index with other replicas", "flag": "--redis", "metavar": "URL"},
+        metadata={
+            "help": "share the index with other replicas: redis://host:port/db, or Redis Sentinel "
+            "redis+sentinel://[:password@]host:port[,host:port...]/service[/db]",
+            "flag": "--redis",
+            "metavar": "URL",
+        },
     )
     redis_key_prefix: str = field(default="prefixgate:", metadata={"help": "prefix of every Redis key"})
     ingest_kv_events: bool = field(  # off: the index learns from approximate routing inserts only

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -104,14 +104,16 @@ def engine_workers(
                 urls.append(f"http://{HOST}:{port}")
             deadline = time.monotonic() + timeout
             for proc, url, log_path in zip(procs, urls, logs_of, strict=True):
-                _wait_healthy(proc, url, deadline, timeout, log_path)
+                wait_healthy(proc, url, deadline, timeout, log_path)
                 log.info("engine worker ready at %s", url)
             yield [LaunchedWorker(url, proc) for url, proc in zip(urls, procs, strict=True)]
         finally:
-            _stop(procs)
+            stop_processes(procs)
 
 
-def spawn(cmd: Sequence[str], output: IO[bytes] | None = None) -> subprocess.Popen:
+def spawn(
+    cmd: Sequence[str], output: IO[bytes] | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.Popen:
     """Start ``cmd`` in its own process group, tied to this process's life: on Linux the kernel sends
     it SIGTERM when this process dies, however it dies (SIGKILL, OOM kill, SIGHUP from a closed
     terminal), so no worker is ever orphaned holding memory and a port."""
@@ -120,6 +122,7 @@ def spawn(cmd: Sequence[str], output: IO[bytes] | None = None) -> subprocess.Pop
         stdout=output,
         stderr=subprocess.STDOUT if output else None,
         start_new_session=True,
+        env=env,
         preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
     )
 
@@ -135,19 +138,19 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
-def _wait_healthy(
+def wait_healthy(
     proc: subprocess.Popen, url: str, deadline: float, timeout: float, log_path: Path | None
 ) -> None:
     see = f" (its output: {log_path})" if log_path is not None else ""
-    while not _healthy(url):
+    while not healthy(url):
         if proc.poll() is not None:
-            raise RuntimeError(f"engine worker {url} exited with code {proc.returncode} while starting{see}")
+            raise RuntimeError(f"worker {url} exited with code {proc.returncode} while starting{see}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"engine worker {url} not healthy after {timeout:.0f} s{see}")
+            raise RuntimeError(f"worker {url} not healthy after {timeout:.0f} s{see}")
         time.sleep(0.5)
 
 
-def _healthy(url: str) -> bool:
+def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=2) as r:
             return r.status == 200
@@ -155,7 +158,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
+def stop_processes(procs: list[subprocess.Popen]) -> None:
     for proc in procs:
         if proc.poll() is None:
             _signal_group(proc, signal.SIGTERM)

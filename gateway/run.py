@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 
@@ -13,6 +14,7 @@ from cache.api.flags import config_from_args as config_fields_from_args
 from gateway.app import create_app, server_options
 from gateway.config import GatewayConfig, RoutingConfig
 from gateway.policies import POLICIES
+from gateway.processes import check_procs, serve_processes
 from gateway.tenancy import METRICS_KEY_ENV, SALT_SECRET_ENV, load_api_keys, salt_secret
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser, workers_required: bool = True
         metavar="FILE",
         help='JSON {"<key>": {"tenant": "name", "salt": "..."}}; requests then need a key (salts are '
         f"keyed with ${SALT_SECRET_ENV}; /stats and /metrics then need the admin key or ${METRICS_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="gateway processes on the one port (SO_REUSEPORT); more than 1 needs --redis",
     )
     parser.add_argument(
         "--admin-key-env",
@@ -51,7 +59,16 @@ def config_from_args(args: argparse.Namespace, workers: list[str]) -> GatewayCon
     )
 
 
-def serve_gateway(config: GatewayConfig) -> None:
+def serve_gateway(config: GatewayConfig, procs: int = 1, log_level: str = "info") -> int:
+    """Serve until stopped; ``procs`` > 1: that many processes on the port (``gateway.processes``)."""
+    if procs > 1:
+        return serve_processes(config, procs, functools.partial(serve_one, reuse_port=True), log_level)
+    serve_one(config)
+    return 0
+
+
+def serve_one(config: GatewayConfig, reuse_port: bool = False) -> None:
+    """One gateway process; ``reuse_port``: it shares the port with its siblings (``--procs``)."""
     log.info(
         "gateway on http://%s:%d (policy %s, %d workers)",
         config.host,
@@ -68,13 +85,20 @@ def serve_gateway(config: GatewayConfig) -> None:
         print=None,
         access_log=None,
         handler_cancellation=True,
+        reuse_port=reuse_port,
         **server_options(config),
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.workers:
-        log.error("no --worker given; attach at least one (or use `prefixgate serve` to start engines)")
+    if not args.workers and not args.worker_dns:
+        log.error(
+            "no --worker or --worker-dns given; attach at least one (or use `prefixgate serve` to start engines)"
+        )
         return 2
-    serve_gateway(config_from_args(args, args.workers))
-    return 0
+    config = config_from_args(args, args.workers or [])
+    problem = check_procs(args.procs, config)
+    if problem:
+        log.error("%s", problem)
+        return 2
+    return serve_gateway(config, args.procs, args.log_level)

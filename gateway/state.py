@@ -19,13 +19,16 @@ from cache.api.requests import ServingLimits
 from cache.index.ops import IndexOp, WorkerGoneOp
 from cache.index.radix_index import RadixIndexConfig
 from cache.index.redis_store import RedisIndexStore, RedisStoreConfig
+from cache.index.rekey import ForeignWorkerNames
 from cache.index.store import IndexStore, LocalIndexStore
 from cache.index.zmq_consumer import KVEventConsumer, WorkerFeed
 from cache.prompt.model_files import model_path
 from cache.prompt.tokenizer import Tokenizer
 from gateway.config import GatewayConfig
 from gateway.dashboard import Dashboard, drop_dashboard_counters
+from gateway.discovery import DnsWorkers
 from gateway.dispatch import Dispatcher
+from gateway.event_sources import parse_worker_events
 from gateway.metrics import GatewayMetrics
 from gateway.prompt_bounds import bytes_per_token
 from gateway.proxy import Proxy
@@ -73,7 +76,11 @@ class GatewayState:
             self.store, self.shared = redis_store, RedisSharedState(redis_store)
         else:
             self.store, self.shared = LocalIndexStore(index_config), LocalSharedState()
-        self._event_tasks: dict[str, asyncio.Task] = {}
+        self._configured_events = parse_worker_events(config.worker_events)
+        self.dns_workers = DnsWorkers(
+            config.worker_dns, self.add_worker, self.remove_worker, static=config.workers
+        )
+        self._event_tasks: dict[str, list[asyncio.Task]] = {}  # worker id -> one task per DP rank
         self._curve_client_keys: tuple[bytes, bytes] | None = None
         if config.kv_events_curve_key:
             public, secret = zmq.auth.load_certificate(config.kv_events_curve_key)
@@ -100,7 +107,9 @@ class GatewayState:
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
         )
-        self.pool = WorkerPool(self.session, cfg.failure_threshold, cfg.circuit_open_s)
+        self.pool = WorkerPool(
+            self.session, cfg.failure_threshold, cfg.circuit_open_s, self._configured_events
+        )
         self.router = Router(cfg.routing, self.pool, self.store, self.shared, self.tokenizer, self.metrics)
         timeouts = aiohttp.ClientTimeout(
             total=None,
@@ -119,6 +128,12 @@ class GatewayState:
         await self.store.start()
         for url in cfg.workers:
             await self.add_worker(url)
+        if cfg.worker_dns:
+            await self.dns_workers.sync()
+            dns = run_periodically(
+                self._stop, lambda: cfg.worker_dns_interval_s, self.dns_workers.sync, "worker DNS"
+            )
+            self._tasks.append(asyncio.create_task(dns, name="gateway-worker-dns"))
         health = run_periodically(
             self._stop, lambda: cfg.health_interval_s, self._health_check, "health check"
         )
@@ -136,7 +151,7 @@ class GatewayState:
         finally:
             # Loops stop on the flag too: a cancel that lands inside a redis-py call can be swallowed.
             self._stop.set()
-            tasks = [*self._tasks, *self._event_tasks.values()]
+            tasks = [*self._tasks, *(t for ranks in self._event_tasks.values() for t in ranks)]
             for task in tasks:
                 task.cancel()
             _, pending = await asyncio.wait(tasks, timeout=SHUTDOWN_GRACE_S)
@@ -173,30 +188,48 @@ class GatewayState:
         worker = self.pool.remove(worker_id)
         if worker is None:
             return False
-        task = self._event_tasks.pop(worker_id, None)
-        if task is not None:
+        for task in self._event_tasks.pop(worker_id, []):
             task.cancel()
         await self.store.append(WorkerGoneOp(worker_id))  # every replica forgets its blocks
         await self.shared.unregister_worker(worker_id)
         return True
 
     def _ensure_event_feed(self, worker: Worker) -> None:
+        """Subscribe to ``worker``'s KV events, one consumer per DP rank. A foreign engine's events are
+        renamed into the gateway's hashes, in the worker's namespace: not before its model is known."""
+        source = worker.kv_events
         if (
-            not (self.config.ingest_kv_events and worker.kv_events_endpoint)
+            not (self.config.ingest_kv_events and source is not None)
             or worker.worker_id in self._event_tasks
+            or (not worker.own_hashes and worker.model_id is None)
         ):
             return
-        assert worker.kv_events_endpoint is not None
-        feed = WorkerFeed(
-            worker.worker_id, worker.kv_events_endpoint, curve_server_key=worker.kv_events_curve_key
-        )
+        assert source is not None
+        names = None
+        if not worker.own_hashes:
+            names = ForeignWorkerNames(worker.worker_id, worker.model_id or "", worker.page_size)
         errors = self.metrics.kv_event_errors
-        consumer = KVEventConsumer(
-            feed, self._apply_ops, on_bad_message=lambda reason: errors.labels(feed.worker_id, reason).inc()
-        )
-        self._event_tasks[worker.worker_id] = asyncio.create_task(
-            consumer.run(), name=f"kv-events-{worker.url}"
-        )
+        tasks = []
+        for rank in range(worker.dp_ranks):
+            ranked = source.for_rank(rank)
+            feed = WorkerFeed(
+                worker.worker_id,
+                ranked.endpoint,
+                topic=ranked.topic,
+                curve_server_key=ranked.curve_server_key,
+                curve_client_keys=self._curve_client_keys,
+                rank=rank,
+                bind=ranked.bind,
+                replay_endpoint=ranked.replay_endpoint,
+            )
+            consumer = KVEventConsumer(
+                feed,
+                self._apply_ops,
+                on_bad_message=lambda reason, w=worker.worker_id: errors.labels(w, reason).inc(),
+                names=names,
+            )
+            tasks.append(asyncio.create_task(consumer.run(), name=f"kv-events-{worker.url}-dp{rank}"))
+        self._event_tasks[worker.worker_id] = tasks
         worker.events_ingested = True
 
     async def _apply_ops(self, ops: list[IndexOp]) -> None:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
+from cache.index.rekey import gateway_block_size
 from cache.wire.hashing import HASH_SCHEME
+from gateway.event_sources import EventSource, from_sglang_config, on_worker_host
 from gateway.proxy import read_capped
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,15 @@ class Worker:
     worker_id: str
     kind: str = "openai"  # "prefixgate" (our engine) | "sglang" (native API) | "openai" (plain upstream)
     model_id: str | None = None
+    # Tokens per index block for this worker, as the router hashes its prompts: the engine's page for
+    # an engine of our hash scheme (its events name those blocks); for any other engine
+    # ``gateway_block_size(engine_page_size)``, so that a matched block is always whole engine pages.
     page_size: int = 16
+    engine_page_size: int = 16  # as the worker reports it
+    hash_scheme: str | None = None  # ``kv_block_hash`` from its server info; None: not reported
     context_length: int | None = None  # max tokens per sequence, as /get_server_info reports it
-    kv_events_endpoint: str | None = None  # ZMQ PUB address when the worker publishes KV events
-    kv_events_curve_key: str | None = None  # the publisher's CURVE public key (Z85) when it encrypts
+    kv_events: EventSource | None = None  # where it publishes KV events, if it does
+    dp_ranks: int = 1  # KV event streams: one per data-parallel rank
     healthy: bool = False
     in_flight: int = 0
     reported_load: int = 0  # running + waiting as the worker last reported it
@@ -57,6 +64,16 @@ class Worker:
     @property
     def available(self) -> bool:
         return self.healthy and time.monotonic() >= self.circuit_open_until
+
+    @property
+    def kv_events_endpoint(self) -> str | None:
+        return self.kv_events.endpoint if self.kv_events is not None else None
+
+    @property
+    def own_hashes(self) -> bool:
+        """Its KV events name blocks with the gateway's hashes; otherwise they are renamed
+        (``cache.index.rekey``) and its prompts hashed in ``page_size``-token blocks to match."""
+        return self.hash_scheme == HASH_SCHEME
 
     @property
     def native(self) -> bool:
@@ -86,8 +103,17 @@ class Worker:
 
 
 class WorkerPool:
-    def __init__(self, session: aiohttp.ClientSession, failure_threshold: int, circuit_open_s: float) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        failure_threshold: int,
+        circuit_open_s: float,
+        configured_events: dict[str, EventSource] | None = None,
+    ) -> None:
+        """``configured_events``: worker URL -> its KV event source, as given on the command line
+        (``--worker-events``); it wins over what the worker's server info reveals."""
         self.session = session
+        self.configured_events = configured_events or {}
         self.failure_threshold = failure_threshold
         self.circuit_open_s = circuit_open_s
         self.workers: dict[str, Worker] = {}
@@ -115,25 +141,19 @@ class WorkerPool:
         if not isinstance(info, dict):
             info = None
         if info is not None:
-            scheme = str(info.get("kv_block_hash", ""))
-            worker.kind = "prefixgate" if scheme.startswith("prefixgate/") else "sglang"
-            worker.page_size = _positive_int(info.get("page_size")) or worker.page_size
+            scheme = info.get("kv_block_hash")
+            worker.hash_scheme = scheme if isinstance(scheme, str) else None
+            worker.kind = "prefixgate" if str(scheme).startswith("prefixgate/") else "sglang"
+            worker.engine_page_size = _positive_int(info.get("page_size")) or worker.engine_page_size
             worker.context_length = _positive_int(info.get("context_length"))
-            endpoint = info.get("kv_events_endpoint")
-            worker.kv_events_endpoint = endpoint if isinstance(endpoint, str) and endpoint else None
-            key = info.get("kv_events_curve_public_key")
-            worker.kv_events_curve_key = key if isinstance(key, str) and key else None
-            if worker.kv_events_endpoint and scheme != HASH_SCHEME:
-                # Its block hashes would never equal the ones we compute: index what we route instead.
-                log.warning(
-                    "worker %s names KV blocks with %r, not %r: ignoring its KV events (approximate routing)",
-                    worker.url,
-                    scheme,
-                    HASH_SCHEME,
-                )
-                worker.kv_events_endpoint = None
+            worker.kv_events = _events_from_info(info, worker.url)
+            worker.dp_ranks = _dp_ranks(info)
             served = info.get("served_model_name")
             worker.model_id = served if isinstance(served, str) and served else worker.model_id
+        worker.kv_events = self.configured_events.get(worker.url, worker.kv_events)
+        worker.page_size = (
+            worker.engine_page_size if worker.own_hashes else gateway_block_size(worker.engine_page_size)
+        )
         models = await self._get_json(worker, "/v1/models")
         data = models.get("data") if isinstance(models, dict) else None
         if (
@@ -145,11 +165,14 @@ class WorkerPool:
             worker.model_id = worker.model_id or data[0]["id"]
         worker.healthy = info is not None or models is not None
         log.info(
-            "worker %s: kind=%s model=%s events=%s",
+            "worker %s: kind=%s model=%s events=%s%s (%s hashes, %d-token blocks)",
             worker.url,
             worker.kind,
             worker.model_id,
             worker.kv_events_endpoint,
+            f" x{worker.dp_ranks} DP ranks" if worker.dp_ranks > 1 else "",
+            "own" if worker.own_hashes else "renamed",
+            worker.page_size,
         )
 
     async def check(self, worker: Worker) -> None:
@@ -243,3 +266,26 @@ class WorkerPool:
 def _positive_int(value: object) -> int | None:
     """A worker-reported count, or None when it is not a positive integer (workers are not trusted)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _events_from_info(info: dict, worker_url: str) -> EventSource | None:
+    """Our engine's ``kv_events_endpoint`` (it binds), or SGLang's ``kv_events_config``."""
+    endpoint = info.get("kv_events_endpoint")
+    if isinstance(endpoint, str) and endpoint:
+        key = info.get("kv_events_curve_public_key")
+        return EventSource(
+            on_worker_host(endpoint, worker_url),
+            curve_server_key=key if isinstance(key, str) and key else None,
+        )
+    return from_sglang_config(info.get("kv_events_config"), worker_url)
+
+
+MAX_DP_RANKS = 256
+
+
+def _dp_ranks(info: dict) -> int:
+    """SGLang publishes one stream per attention-DP rank (``attn_dp_rank``), i.e. ``dp_size`` of them with
+    ``enable_dp_attention``; without it every scheduler publishes as rank 0."""
+    if info.get("enable_dp_attention") is False:
+        return 1
+    return min(_positive_int(info.get("dp_size")) or 1, MAX_DP_RANKS)

@@ -25,6 +25,11 @@ Protocol:
   a snapshot that does not load is reported as corrupt (``last_error``, ``errors["corrupt_snapshots"]``).
   Retries back off exponentially (``retry_interval_s`` doubling up to ``max_retry_interval_s``) while the
   failures go on, so a corrupt snapshot is not downloaded again four times a second forever.
+* Redis Sentinel (``redis+sentinel://`` URLs, ``redis_client``): the connections ask the sentinels for the
+  current master; on a failover the commands in flight fail (the store goes degraded, as for any outage),
+  the next connection finds the promoted replica, and the tail task re-syncs (an empty master is seeded as
+  after a Redis loss). Ops acknowledged by the old master but not yet replicated are lost with it: the
+  index then under-reports until workers store those blocks again, which only costs hits.
 """
 
 from __future__ import annotations
@@ -38,11 +43,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import msgpack
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 
 from cache.index.ops import IndexOp, apply_op, decode_op, encode_op
@@ -72,6 +78,34 @@ class RedisStoreConfig:
     max_pending_ops: int = 100_000  # ops queued while Redis is down; beyond this the oldest are dropped
     retry_interval_s: float = 0.25
     max_retry_interval_s: float = 10.0
+
+
+SENTINEL_SCHEME = "redis+sentinel://"
+SENTINEL_PORT = 26379
+
+
+def redis_client(url: str, **options: Any) -> Redis:
+    """A client for ``url``: anything ``Redis.from_url`` takes (``redis://``, ``rediss://``, ``unix://``), or
+    ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``: the master the
+    sentinels name ``service`` (the password is the data nodes'; the sentinels are asked without one)."""
+    if not url.startswith(SENTINEL_SCHEME):
+        return Redis.from_url(url, **options)
+    netloc, _, path = url[len(SENTINEL_SCHEME) :].partition("/")
+    credentials, _, hosts = netloc.rpartition("@")
+    username, _, password = credentials.partition(":") if ":" in credentials else ("", "", credentials)
+    service, _, db = path.strip("/").partition("/")
+    if not hosts or not service or (db and not db.isdigit()):
+        raise ValueError(f"{url!r}: expected {SENTINEL_SCHEME}host[:port][,host[:port]...]/service[/db]")
+    sentinels = []
+    for entry in hosts.split(","):
+        host, sep, port = entry.rpartition(":")
+        if not sep or not port.isdigit() or (host.count(":") and not host.endswith("]")):
+            host, port = entry, str(SENTINEL_PORT)  # no port (a bare IPv6 address has colons too)
+        sentinels.append((host.strip("[]"), int(port)))
+    timeouts = {k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")}
+    auth = {"username": username or None, "password": password or None}
+    sentinel = Sentinel(sentinels, sentinel_kwargs=timeouts, db=int(db or 0), **auth, **options)
+    return sentinel.master_for(service, redis_class=Redis)
 
 
 class _NotReady(Exception):
@@ -116,10 +150,10 @@ class RedisIndexStore(IndexStore):
         )
         no_retry = Retry(NoBackoff(), 0)  # fail fast: the caller's fallback is better than a stall
         timeout = config.op_timeout_s
-        self._redis = Redis.from_url(
+        self._redis = redis_client(
             config.url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=no_retry
         )
-        self._tail = Redis.from_url(
+        self._tail = redis_client(
             config.url,
             socket_timeout=timeout + config.poll_block_ms / 1000,
             socket_connect_timeout=timeout,

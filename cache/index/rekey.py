@@ -76,14 +76,18 @@ class ForeignBlockNamer:
         model_id: str,
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_blocks: int = 4_000_000,
+        refs: dict[tuple[int, Tier], int] | None = None,
     ) -> None:
+        """``refs``: reference counts shared with the namers of the worker's other DP ranks (see
+        ``ForeignWorkerNames``); by default this namer's own."""
         self.worker_id = worker_id
         self.model_id = model_id
         self.block_size = block_size
         self.max_blocks = max_blocks
         self.stats = NamerStats()
         self._blocks: dict[int, _EngineBlock] = {}
-        self._refs: dict[tuple[int, Tier], int] = {}  # (gateway hash, tier) -> engine blocks holding it
+        # (gateway hash, tier) -> engine blocks holding it
+        self._refs: dict[tuple[int, Tier], int] = {} if refs is None else refs
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -180,3 +184,37 @@ class ForeignBlockNamer:
                     self._refs.pop(key, None)
                     gone.append(h)
         return [RemovedOp(self.worker_id, gone, tier)] if gone else []
+
+
+class ForeignWorkerNames:
+    """One worker's namers, one per DP rank (each rank is its own event stream and its own radix cache,
+    whose engine hashes may coincide with another rank's for the same tokens), sharing the reference
+    counts of the gateway blocks: the index holds a block for the worker while any rank holds it.
+
+    Invariant: the namers are reset together, whenever the worker's index entries are purged
+    (``ClearedOp`` is per worker, not per rank): ``ops`` does it when an event implies a purge (an
+    ``AllBlocksCleared``, a namer over its bound), and callers that purge for their own reasons (a gap in
+    a rank's stream) call ``reset``.
+    """
+
+    def __init__(self, worker_id: str, model_id: str, block_size: int, max_blocks: int = 4_000_000) -> None:
+        self.worker_id = worker_id
+        self._refs: dict[tuple[int, Tier], int] = {}
+        self._make = lambda: ForeignBlockNamer(worker_id, model_id, block_size, max_blocks, self._refs)
+        self._ranks: dict[int, ForeignBlockNamer] = {}
+
+    def rank(self, rank: int) -> ForeignBlockNamer:
+        if rank not in self._ranks:
+            self._ranks[rank] = self._make()
+        return self._ranks[rank]
+
+    def ops(self, rank: int, event: KVEvent) -> list[IndexOp]:
+        ops = self.rank(rank).ops(event)
+        if any(isinstance(op, ClearedOp) for op in ops):
+            self.reset()
+        return ops
+
+    def reset(self) -> None:
+        for namer in self._ranks.values():
+            namer.reset()
+        self._refs.clear()

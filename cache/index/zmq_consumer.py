@@ -10,7 +10,17 @@ Sequence tracking, per worker feed:
   purged (a ClearedOp for that worker only) before the batch is applied. The index then under-reports that
   worker until it stores blocks again, which only costs cache hits, never correctness.
 * ``seq <= last``: the publisher restarted (its counter reset), so its cache is gone: purge as above.
-vLLM's replay ROUTER socket could fill gaps instead of purging; that is not implemented.
+  ``last`` survives a disconnect, so an engine that restarts and publishes from seq 0 again is seen.
+Where the engine has a replay socket (``WorkerFeed.replay_endpoint``: SGLang's and vLLM's ROUTER; request
+= the 8-byte big-endian start seq, replies ``(seq, payload)`` ending with seq -1), a gap or a mid-stream
+join first asks it for the missed batches; only what the replay cannot cover (its buffer is bounded) is
+purged.
+
+Foreign hashes: for an engine that names blocks its own way (SGLang, vLLM), ``names`` renames every event
+into the gateway's hashes (``cache.index.rekey``); each purge then also resets the worker's namers.
+One feed is one DP rank's stream; the engine offsets each rank's port by the rank.
+SGLang and vLLM *connect* their PUB socket to a non-wildcard endpoint: ``WorkerFeed.bind`` makes the SUB
+side bind it instead.
 
 Publishers are not trusted: every message is decoded on its own and checked field by field (a batch
 whose events decode but carry a non-numeric hash or an unknown medium counts as undecodable); a bad one
@@ -33,13 +43,17 @@ import zmq
 import zmq.asyncio
 
 from cache.index.ops import ClearedOp, IndexOp, RemovedOp, StoredOp, is_block_hash, ops_from_event
-from cache.wire.events import decode_event_batch
+from cache.index.rekey import ForeignWorkerNames
+from cache.wire.events import KVEvent, decode_event_batch
 
 logger = logging.getLogger(__name__)
 
 OpSink = Callable[[list[IndexOp]], Awaitable[None]]
 MAX_MESSAGE_BYTES = 16 * 2**20  # a batch is one engine step's events: far below this
 RESTART_DELAY_S = 1.0
+REPLAY_TIMEOUT_S = 5.0  # between two replies of a replay; past it, what was not replayed is purged
+MAX_REPLAY_BATCHES = 100_000  # SGLang and vLLM keep 10,000 by default
+_END_OF_REPLAY = -1
 
 
 @dataclass(frozen=True)
@@ -49,12 +63,16 @@ class WorkerFeed:
     topic: str = ""  # subscription prefix; vLLM publishes with topic "" by default
     curve_server_key: str | None = None  # the publisher's CURVE public key (Z85): encrypt the feed
     curve_client_keys: tuple[bytes, bytes] | None = None  # (public, secret) Z85; default: ephemeral
+    rank: int = 0  # the engine's DP rank this stream is (events of foreign engines are named per rank)
+    bind: bool = False  # the engine connects its PUB to ``endpoint``: bind the SUB there
+    replay_endpoint: str | None = None  # the engine's replay ROUTER, where it has one
 
 
 @dataclass
 class FeedStats:
     batches: int = 0
     gaps: int = 0
+    replayed: int = 0  # batches recovered from the engine's replay socket
     restarts: int = 0
     decode_errors: int = 0
     consumer_restarts: int = 0
@@ -64,9 +82,21 @@ class FeedStats:
 class SequenceTracker:
     """Turns one feed's ``(seq, payload)`` messages into index ops, purging the worker on gaps/restarts."""
 
-    def __init__(self, worker_id: str) -> None:
+    def __init__(self, worker_id: str, names: ForeignWorkerNames | None = None, rank: int = 0) -> None:
+        """``names``: rename a foreign engine's events (this feed is DP rank ``rank``); None: the events
+        already carry the gateway's hashes."""
         self.worker_id = worker_id
+        self.names = names
+        self.rank = rank
         self.stats = FeedStats()
+
+    def missed_from(self, seq: int) -> int | None:
+        """The first seq a replay should start at before ``seq`` is handled, or None if none is missing
+        (a restart is not a gap: the engine's earlier batches describe a cache that is gone)."""
+        last = self.stats.last_seq
+        if last is None:
+            return 0 if seq != 0 else None
+        return last + 1 if seq > last + 1 else None
 
     def handle(self, seq: int, payload: bytes) -> list[IndexOp]:
         stats = self.stats
@@ -75,23 +105,23 @@ class SequenceTracker:
         if last is None:
             if seq != 0:
                 stats.gaps += 1  # joined mid-stream: whatever we held for this worker may be stale
-                ops.append(ClearedOp(self.worker_id))
+                ops.append(self._purge())
         elif seq <= last:
             stats.restarts += 1
             logger.info(
                 "worker %s: event seq went %d -> %d (restart); purging its entries", self.worker_id, last, seq
             )
-            ops.append(ClearedOp(self.worker_id))
+            ops.append(self._purge())
         elif seq > last + 1:
             stats.gaps += 1
             logger.warning(
                 "worker %s: missed events %d..%d; purging its entries", self.worker_id, last + 1, seq - 1
             )
-            ops.append(ClearedOp(self.worker_id))
+            ops.append(self._purge())
         stats.last_seq = seq
         try:
             batch = decode_event_batch(payload)
-            decoded = [_checked(ops_from_event(self.worker_id, event)) for event in batch.events]
+            decoded = [_checked(op) for event in batch.events for op in self._ops(event)]
         except Exception as exc:  # any shape a hostile publisher can send: wrong types, values, nesting
             # A batch we cannot read is as bad as a lost one: purge rather than keep a view we know is wrong.
             stats.decode_errors += 1
@@ -102,10 +132,20 @@ class SequenceTracker:
                 type(exc).__name__,
                 exc,
             )
-            return [ClearedOp(self.worker_id)]
+            return [self._purge()]
         stats.batches += 1
         ops.extend(decoded)
         return ops
+
+    def _ops(self, event: KVEvent) -> list[IndexOp]:
+        if self.names is None:
+            return [ops_from_event(self.worker_id, event)]
+        return self.names.ops(self.rank, event)
+
+    def _purge(self) -> ClearedOp:
+        if self.names is not None:
+            self.names.reset()
+        return ClearedOp(self.worker_id)
 
 
 def _checked(op: IndexOp) -> IndexOp:
@@ -130,12 +170,13 @@ class KVEventConsumer:
         sink: OpSink,
         context: zmq.asyncio.Context | None = None,
         on_bad_message: Callable[[str], None] | None = None,
+        names: ForeignWorkerNames | None = None,
     ) -> None:
         self.feed = feed
         self._sink = sink
         self._context = context or zmq.asyncio.Context.instance()
         self._on_bad_message = on_bad_message or (lambda reason: None)
-        self.tracker = SequenceTracker(feed.worker_id)
+        self.tracker = SequenceTracker(feed.worker_id, names, feed.rank)
 
     @property
     def stats(self) -> FeedStats:
@@ -156,8 +197,7 @@ class KVEventConsumer:
                     self.feed.worker_id,
                     MAX_MESSAGE_BYTES,
                 )
-                self.tracker.stats.last_seq = None
-                await asyncio.sleep(RESTART_DELAY_S)
+                await asyncio.sleep(RESTART_DELAY_S)  # last_seq kept: a restarted engine shows as one
             except Exception:
                 self.stats.consumer_restarts += 1
                 self._on_bad_message("restart")
@@ -179,18 +219,22 @@ class KVEventConsumer:
             socket.setsockopt(zmq.LINGER, 0)
             socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
             if self.feed.curve_server_key:
-                public, secret = (
-                    zmq.curve_keypair()
-                )  # an ephemeral client key: the server key is what matters
+                # The gateway's own certificate where the worker lists its clients; else an ephemeral one.
+                public, secret = self.feed.curve_client_keys or zmq.curve_keypair()
                 socket.curve_serverkey = self.feed.curve_server_key.encode()
                 socket.curve_publickey, socket.curve_secretkey = public, secret
             socket.setsockopt(zmq.SUBSCRIBE, self.feed.topic.encode())
-            socket.connect(self.feed.endpoint)
+            if self.feed.bind:
+                socket.bind(self.feed.endpoint)
+            else:
+                socket.connect(self.feed.endpoint)
             while True:
                 ready = dict(await poller.poll())
                 if monitor in ready:
                     await monitor.recv_multipart()
-                    raise _Disconnected
+                    if not self.feed.bind:  # a bound socket takes the engine's reconnection as it is
+                        raise _Disconnected
+                    continue
                 frames = await socket.recv_multipart()
                 if len(frames) != 3 or len(frames[1]) != 8:
                     self.stats.decode_errors += 1
@@ -199,16 +243,53 @@ class KVEventConsumer:
                         "worker %s: unexpected %d-frame message, skipped", self.feed.worker_id, len(frames)
                     )
                     continue
-                errors_before = self.stats.decode_errors
-                ops = self.tracker.handle(int.from_bytes(frames[1], "big"), frames[2])
-                if self.stats.decode_errors != errors_before:
-                    self._on_bad_message("decode")
-                if ops:
-                    await self._sink(ops)
+                seq = int.from_bytes(frames[1], "big")
+                start = self.tracker.missed_from(seq)
+                messages = [(seq, frames[2])]
+                if start is not None and self.feed.replay_endpoint:
+                    messages[:0] = await self._replay(start, seq)
+                for message_seq, payload in messages:
+                    errors_before = self.stats.decode_errors
+                    ops = self.tracker.handle(message_seq, payload)
+                    if self.stats.decode_errors != errors_before:
+                        self._on_bad_message("decode")
+                    if ops:
+                        await self._sink(ops)
         finally:
             socket.disable_monitor()
             monitor.close(linger=0)
             socket.close(linger=0)
+
+    async def _replay(self, start: int, before: int) -> list[tuple[int, bytes]]:
+        """The engine's batches ``start..before-1`` as far as its replay buffer still has them, in order;
+        whatever is missing (a buffer that wrapped, a timeout) is left for the tracker to purge."""
+        assert self.feed.replay_endpoint is not None
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        batches: list[tuple[int, bytes]] = []
+        try:
+            socket.connect(self.feed.replay_endpoint)
+            await socket.send_multipart([b"", start.to_bytes(8, "big")])
+            while len(batches) < MAX_REPLAY_BATCHES:
+                if not await socket.poll(REPLAY_TIMEOUT_S * 1000):
+                    logger.warning("worker %s: replay from seq %d timed out", self.feed.worker_id, start)
+                    break
+                frames = await socket.recv_multipart()
+                if len(frames) != 3 or len(frames[1]) != 8:
+                    break
+                seq = int.from_bytes(frames[1], "big", signed=True)
+                if seq == _END_OF_REPLAY:
+                    break
+                if start <= seq < before:
+                    batches.append((seq, frames[2]))
+        finally:
+            socket.close(linger=0)
+        self.stats.replayed += len(batches)
+        logger.info(
+            "worker %s: replayed %d of %d missed batches", self.feed.worker_id, len(batches), before - start
+        )
+        return batches
 
 
 class _Disconnected(Exception):

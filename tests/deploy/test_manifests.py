@@ -72,8 +72,9 @@ def test_gateway_replicas_are_probed_on_health_and_protected(overlay: str) -> No
     engines = find(docs, "StatefulSet", "engine")
     assert engines["spec"]["serviceName"] == find(docs, "Service", "engine")["metadata"]["name"]
     assert find(docs, "Service", "engine")["spec"]["clusterIP"] == "None"  # headless
-    replicas = engines["spec"]["replicas"]
-    assert args.workers == [f"http://engine-{i}.engine:30000" for i in range(replicas)]
+    http_port = engines["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"]
+    # every ready engine pod, found through the headless service's DNS name (scaling needs no edit here)
+    assert args.worker_dns == [f"engine:{http_port}"] and not args.workers
 
 
 def test_the_embedded_engine_listens_where_its_ports_say() -> None:
