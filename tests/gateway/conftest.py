@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 from aiohttp import web
 
-from cache.prompt.model_files import default_model_path
 from cache.prompt.tokenizer import Tokenizer
 from gateway.app import create_app, server_options
 from gateway.config import GatewayConfig, RoutingConfig
@@ -20,9 +19,9 @@ ENGINE_ARGS = ["--kv-cache-tokens", "16384", "--max-batch-tokens", "256"]
 
 
 @pytest.fixture(scope="session")
-def tokenizer() -> Tokenizer:
-    """The bundled model's tokenizer (a few seconds to load), shared by every gateway of the session."""
-    return Tokenizer.from_checkpoint_path(default_model_path())
+def tokenizer(smollm2_tokenizer: Tokenizer) -> Tokenizer:
+    """The bundled model's tokenizer (loaded once a session), shared by every gateway of the session."""
+    return smollm2_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from aiohttp.test_utils import TestServer
 
 from cache.api.errors import error_body
 from cache.api.sse import send_done, send_event
-from cache.prompt.model_files import default_model_path
 from cache.prompt.tokenizer import Tokenizer
 from gateway.config import GatewayConfig, RoutingConfig
 from gateway.state import STATE, GatewayState
@@ -32,9 +31,9 @@ REPLY = {
 
 
 @pytest.fixture(scope="session", name="tokenizer")
-def shared_tokenizer() -> Tokenizer:
-    """The bundled model's tokenizer, loaded once (import this into a test module to use it)."""
-    return Tokenizer.from_checkpoint_path(default_model_path())
+def shared_tokenizer(smollm2_tokenizer: Tokenizer) -> Tokenizer:
+    """The bundled model's tokenizer, loaded once a session (import this into a test module to use it)."""
+    return smollm2_tokenizer
 
 
 @dataclass

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import models, pre_tokenizers
 
 from cache.prompt.tokenizer import Tokenizer
-from engine.weights import Checkpoint, WeightLoadError
+from engine.weights import WeightLoadError
 
 TEXTS = [
     "Hello, world!",
@@ -34,8 +34,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(smollm2_checkpoint: Checkpoint) -> Tokenizer:
-    return Tokenizer.from_source(smollm2_checkpoint.tokenizer_source)
+def tokenizer(smollm2_tokenizer: Tokenizer) -> Tokenizer:
+    return smollm2_tokenizer  # the session's (from the GGUF), loaded once
 
 
 @pytest.fixture(scope="module")
