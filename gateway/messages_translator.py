@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from cache.api.replies import Usage, chunk_text, reply_text, reply_usage
-from gateway.translation import ReplyTranslator, finish_reason, sse_event
+from cache.api.replies import Usage
+from gateway.translation import ReplyTranslator, sse_event
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -56,11 +56,9 @@ class MessagesTranslator(ReplyTranslator):
     reports usage); ``breakpoints``: the request set ``cache_control``."""
 
     def __init__(self, model: str, prompt_tokens: int, breakpoints: bool) -> None:
+        super().__init__()
         self.model, self.prompt_tokens, self.breakpoints = model, prompt_tokens, breakpoints
         self.message_id = f"msg_{uuid.uuid4().hex}"
-        self.usage: Usage | None = None
-        self.finish_reason: str | None = None
-        self.texts: list[str] = []
 
     def message(self, text: str | None) -> dict[str, Any]:
         """The message object; ``text`` None at ``message_start`` (no content, no stop reason yet)."""
@@ -80,8 +78,7 @@ class MessagesTranslator(ReplyTranslator):
         return _STOP_REASONS.get(self.finish_reason or "stop", "end_turn")
 
     async def reply(self, reply: dict[str, Any]) -> bytes:
-        self.usage, self.finish_reason = reply_usage(reply), finish_reason(reply)
-        return orjson.dumps(self.message(reply_text(reply)))
+        return orjson.dumps(self.message(self.read_reply(reply)))
 
     def start(self) -> bytes:
         block = {"type": "text", "text": ""}
@@ -92,12 +89,9 @@ class MessagesTranslator(ReplyTranslator):
         )
 
     def chunk(self, chunk: dict[str, Any]) -> bytes:
-        self.usage = reply_usage(chunk) or self.usage
-        self.finish_reason = finish_reason(chunk) or self.finish_reason
-        text = chunk_text(chunk)
+        text = self.read_chunk(chunk)
         if not text:
             return b""
-        self.texts.append(text)
         delta = {"type": "text_delta", "text": text}
         return sse_event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta})
 

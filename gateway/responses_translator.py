@@ -10,8 +10,8 @@ from typing import Any
 
 import orjson
 
-from cache.api.replies import Usage, chunk_text, reply_text, reply_usage
-from gateway.translation import ReplyTranslator, finish_reason, sse_event
+from cache.api.replies import Usage
+from gateway.translation import ReplyTranslator, sse_event
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,12 @@ class ResponsesTranslator(ReplyTranslator):
         conversation: list[dict[str, Any]],
         save: SaveResponse | None,
     ) -> None:
+        super().__init__()
         self.response_id, self.model, self.created_at = response_id, model, created_at
         self.echoed = {name: request.get(name, default) for name, default in _ECHOED.items()}
         self.store = save is not None
         self.conversation, self.save = conversation, save
         self.item_id = f"msg_{uuid.uuid4().hex}"
-        self.texts: list[str] = []
-        self.usage: Usage | None = None
-        self.finish_reason: str | None = None
         self.sequence = 0
 
     # -- the response object --------------------------------------------------------------------------
@@ -111,9 +109,7 @@ class ResponsesTranslator(ReplyTranslator):
 
     # -- ReplyTranslator ------------------------------------------------------------------------------
     async def reply(self, reply: dict[str, Any]) -> bytes:
-        self.usage = reply_usage(reply)
-        self.finish_reason = finish_reason(reply)
-        return orjson.dumps(await self._complete(reply_text(reply)))
+        return orjson.dumps(await self._complete(self.read_reply(reply)))
 
     def start(self) -> bytes:
         part = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
@@ -127,12 +123,9 @@ class ResponsesTranslator(ReplyTranslator):
         )
 
     def chunk(self, chunk: dict[str, Any]) -> bytes:
-        self.usage = reply_usage(chunk) or self.usage
-        self.finish_reason = finish_reason(chunk) or self.finish_reason
-        text = chunk_text(chunk)
+        text = self.read_chunk(chunk)
         if not text:
             return b""
-        self.texts.append(text)
         return self._event(
             "response.output_text.delta",
             item_id=self.item_id,

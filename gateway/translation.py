@@ -15,6 +15,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from cache.api.replies import Usage, chunk_text, reply_text, reply_usage
+
 
 class ReplyTranslator(ABC):
     """Turns one chat-completions answer (a reply, or a stream of chunks) into another API's.
@@ -26,7 +28,29 @@ class ReplyTranslator(ABC):
     may raise on a malformed chunk: upstream fields of the wrong type read as absent (``cache.api.replies``).
     ``reply`` and ``finish`` are awaited before the final bytes are written, so whatever they record (a
     stored response) exists by the time the client sees the end of the answer.
+
+    The base class keeps what every API reports from the worker's answer: its usage, finish reason and
+    the text so far (``read_reply`` / ``read_chunk``); subclasses shape it.
     """
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+        self.texts: list[str] = []
+
+    def read_reply(self, reply: dict[str, Any]) -> str:
+        """Record a whole reply's usage and finish reason; its text."""
+        self.usage, self.finish_reason = reply_usage(reply), finish_reason(reply)
+        return reply_text(reply)
+
+    def read_chunk(self, chunk: dict[str, Any]) -> str:
+        """Record what one stream chunk adds (usage and finish reason arrive on their own chunks); its text."""
+        self.usage = reply_usage(chunk) or self.usage
+        self.finish_reason = finish_reason(chunk) or self.finish_reason
+        text = chunk_text(chunk)
+        if text:
+            self.texts.append(text)
+        return text
 
     @abstractmethod
     async def reply(self, reply: dict[str, Any]) -> bytes:

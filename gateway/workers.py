@@ -177,7 +177,7 @@ class WorkerPool:
 
     async def check(self, worker: Worker) -> None:
         if worker.native:
-            ok = await self._get_ok(worker, "/health")
+            ok = await self._ok("GET", worker, "/health", _PROBE_TIMEOUT)
             load = await self._get_json(worker, "/get_load") if ok else None
             if isinstance(load, list) and load:  # SGLang answers one entry per data-parallel rank
                 load = load[0]
@@ -186,7 +186,7 @@ class WorkerPool:
                 worker.reported_load = (_positive_int(running) or 0) + (_positive_int(waiting) or 0)
                 worker.external_load = max(0, worker.reported_load - worker.in_flight)
         else:
-            ok = await self._get_ok(worker, "/v1/models")
+            ok = await self._ok("GET", worker, "/v1/models", _PROBE_TIMEOUT)
         if ok and not worker.healthy:
             log.info("worker %s is healthy again", worker.url)
             worker.consecutive_failures = 0
@@ -228,7 +228,7 @@ class WorkerPool:
         """SGLang's ``POST /flush_cache`` on every native worker at once: worker id -> whether it flushed
         (a busy worker refuses, as SGLang's does; an unreachable one counts as not flushed)."""
         native = [w for w in self if w.native]
-        results = await asyncio.gather(*(self._post_ok(w, "/flush_cache") for w in native))
+        results = await asyncio.gather(*(self._ok("POST", w, "/flush_cache", _FLUSH_TIMEOUT) for w in native))
         return {w.worker_id: ok for w, ok in zip(native, results, strict=True)}
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -244,19 +244,11 @@ class WorkerPool:
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None
 
-    async def _post_ok(self, worker: Worker, path: str) -> bool:
+    async def _ok(self, method: str, worker: Worker, path: str, timeout: aiohttp.ClientTimeout) -> bool:
+        """Whether ``worker`` answers ``method path`` with 200 (never following a redirect)."""
         try:
-            async with self.session.post(
-                worker.url + path, timeout=_FLUSH_TIMEOUT, allow_redirects=False
-            ) as r:
-                return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            return False
-
-    async def _get_ok(self, worker: Worker, path: str) -> bool:
-        try:
-            async with self.session.get(
-                worker.url + path, timeout=_PROBE_TIMEOUT, allow_redirects=False
+            async with self.session.request(
+                method, worker.url + path, timeout=timeout, allow_redirects=False
             ) as r:
                 return r.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
