@@ -16,10 +16,12 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from cache.api.sampling import SamplingParams
+from cache.prompt.tokenizer import Tokenizer
 from engine.engine import EngineInfo, EngineStats, LLMEngine
+from engine.sampling import TokenLogprobs
 from engine.sequence import FinishReason, Sequence
 
 log = logging.getLogger(__name__)
@@ -28,7 +30,8 @@ T = TypeVar("T")
 
 @dataclass
 class GenerationChunk:
-    """What one request gained since its previous chunk. ``text`` never contains a stop string."""
+    """What one choice of a request gained since its previous chunk. ``text`` never contains a stop
+    string. With n > 1 the choices' chunks interleave; ``finished`` ends one choice."""
 
     request_id: str
     token_ids: list[int]
@@ -37,14 +40,53 @@ class GenerationChunk:
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose KV came from the prefix cache
-    completion_tokens: int
+    completion_tokens: int  # this choice's, so far
+    index: int = 0  # the choice
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asks for them
 
 
 class EngineError(RuntimeError):
     """The engine failed while running this request (reported to the caller, never swallowed)."""
 
 
-_Update = tuple[list[int], bool, str | None, int]  # new tokens, finished, reason, cached tokens
+class _Update(NamedTuple):
+    """What the step thread tells a request about one of its choices."""
+
+    choice: int
+    tokens: list[int]
+    logprobs: list[TokenLogprobs] | None
+    finished: bool
+    reason: str | None
+    cached: int
+
+
+class _ChoiceText:
+    """One choice's text: incremental detokenization, with text that may begin a stop string held
+    back until it is known not to, and cut at the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: tuple[str, ...]) -> None:
+        self.decoder = tokenizer.incremental_decoder()
+        self.stops = stops
+        self.hold = max((len(s) for s in stops), default=1) - 1  # text that might begin a stop string
+        self.pending = ""
+        self.completion = 0
+        self.finished = False
+
+    def advance(self, update: _Update) -> tuple[str, bool, str | None, bool]:
+        """(text to emit, finished, finish reason, whether a stop string ended it here)."""
+        self.completion += len(update.tokens)
+        self.pending += self.decoder.add_many(update.tokens)
+        finished, reason, stopped = update.finished, update.reason, False
+        if finished:
+            self.pending += self.decoder.flush()
+        if self.stops:
+            cut = min((i for s in self.stops if (i := self.pending.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                self.pending, stopped = self.pending[:cut], not finished
+                finished, reason = True, FinishReason.STOP.value
+        text, self.pending = (self.pending, "") if finished else _split_hold(self.pending, self.hold)
+        self.finished = finished
+        return text, finished, reason, stopped
 
 
 class AsyncEngine:
@@ -86,44 +128,49 @@ class AsyncEngine:
         request_id: str | None = None,
         cache_salt: str = "",
     ) -> AsyncIterator[GenerationChunk]:
-        """Stream a request's output; breaking out of the iteration aborts the request. The prompt
-        must respect ``info.limits`` (``cache.api.requests`` checks it). Raises ValueError for a
-        request id already running (before anything is queued)."""
+        """Stream a request's output, every choice's chunks as they come; breaking out of the
+        iteration aborts the request. The prompt must respect ``info.limits`` (``cache.api.requests``
+        checks it). Raises ValueError for a request id already running (before anything is queued)."""
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
         if self._stopping or self._loop is None:
             raise EngineError("the engine is not running")
         seq = self.engine.make_sequence(request_id, prompt_ids, sampling, cache_salt)
+        choices = [seq, *seq.forks]
         stream: asyncio.Queue[_Update | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
         self._submit("add", seq)
-        decoder = self.tokenizer.incremental_decoder()
-        stops = sampling.stop
-        hold = max((len(s) for s in stops), default=1) - 1  # text that might begin a stop string
-        pending, completion, finished = "", 0, False
+        texts = [_ChoiceText(self.tokenizer, sampling.stop) for _ in choices]
         try:
-            while not finished:
+            remaining = len(choices)
+            while remaining:
                 update = await stream.get()
                 if isinstance(update, BaseException):
                     raise update
-                tokens, finished, reason, cached = update
-                completion += len(tokens)
-                pending += decoder.add_many(tokens)
-                if finished:
-                    pending += decoder.flush()
-                if stops:
-                    cut = min((i for s in stops if (i := pending.find(s)) >= 0), default=-1)
-                    if cut >= 0:
-                        pending, finished, reason = pending[:cut], True, FinishReason.STOP.value
-                        self._submit("abort", seq)  # stop string: the engine may be a step ahead
-                text, pending = (pending, "") if finished else _split_hold(pending, hold)
+                out = texts[update.choice]
+                if out.finished:  # a stop string ended it; the engine may have been a step ahead
+                    continue
+                text, finished, reason, stopped = out.advance(update)
+                if stopped:
+                    self._submit("abort", choices[update.choice])
+                remaining -= finished
                 yield GenerationChunk(
-                    request_id, tokens, text, finished, reason, len(prompt_ids), cached, completion
+                    request_id,
+                    update.tokens,
+                    text,
+                    finished,
+                    reason,
+                    len(prompt_ids),
+                    update.cached,
+                    out.completion,
+                    update.choice,
+                    update.logprobs,
                 )
         finally:
-            if not finished:
-                self._submit("abort", seq)  # the caller went away: free its pages
+            for choice, out in zip(choices, texts, strict=True):
+                if not out.finished:
+                    self._submit("abort", choice)  # the caller went away: free its pages
             self._streams.pop(request_id, None)
 
     async def call(self, function: Callable[[LLMEngine], T]) -> T:
@@ -174,9 +221,10 @@ class AsyncEngine:
                 self.engine.add(item)
             elif not item.finished:  # "abort"
                 self.engine.abort(item)
-                self._publish(
-                    [(item.request_id, ([], True, FinishReason.ABORT.value, item.num_cached_prompt))]
+                update = _Update(
+                    item.choice, [], None, True, FinishReason.ABORT.value, item.num_cached_prompt
                 )
+                self._publish([(item.request_id, update)])
 
     def _call(self, function: Callable[[LLMEngine], Any], future: asyncio.Future) -> None:
         try:
@@ -205,7 +253,10 @@ class AsyncEngine:
     @staticmethod
     def _update(seq: Sequence) -> _Update:
         reason = seq.finish_reason.value if seq.finish_reason else None
-        return [seq.output_ids[-1]], seq.finished, reason, seq.num_cached_prompt
+        logprobs = [seq.last_logprobs] if seq.last_logprobs is not None else None
+        return _Update(
+            seq.choice, [seq.output_ids[-1]], logprobs, seq.finished, reason, seq.num_cached_prompt
+        )
 
     def _fail_all(self, error: EngineError) -> None:
         sched = self.engine.scheduler

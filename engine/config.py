@@ -26,6 +26,11 @@ class EngineConfig:
     page_size: int = _flag(16, "tokens per KV page (and per hashed block)")
     max_batch_tokens: int = _flag(512, "per-step token budget: decodes + prefill chunks")
     max_running: int = _flag(64, "concurrently running sequences")
+    itl_slo_ms: float | None = _flag(
+        None,
+        "inter-token latency target: steps that carry decodes hold only as many tokens as the step time "
+        "learned online allows within it (--max-batch-tokens stays the cap); default: the static budget",
+    )
     kv_cache_tokens: int | None = _flag(
         None, "KV pool capacity in tokens (default: from --kv-cache-memory-gib)"
     )
@@ -82,6 +87,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.max_batch_tokens < 1 or self.max_running < 1:
             raise ValueError("page_size, max_batch_tokens and max_running must be positive")
+        if self.itl_slo_ms is not None and not (0 < self.itl_slo_ms < float("inf")):  # NaN fails too
+            raise ValueError("itl_slo_ms must be a positive number of milliseconds")
         if self.hicache_write_policy not in WRITE_POLICIES:
             raise ValueError(f"hicache_write_policy must be one of {', '.join(WRITE_POLICIES)}")
         if self.hicache_disk_dir is not None and not self.enable_hierarchical_cache:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from cache.api.requests import ServingLimits
 from cache.api.sampling import SamplingParams
+from cache.planning.load_profile import LoadProfile, StepProfiler
 from cache.wire.hashing import block_hashes, namespace_seed
 from cache.wire.tiers import MEDIUM_DISK, MEDIUM_HOST
 from engine.config import EngineConfig
@@ -26,8 +27,10 @@ from engine.kv.transfer import KVTransfer, allocate_host_kv
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, allocate_kv, kv_bytes_per_token
 from engine.models.attention import KVCache
+from engine.sampling import Sampled
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence
+from engine.step_budget import StepTimeModel
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,12 @@ class EngineStats:
     disk_pages_total: int = 0
     tokens_loaded_from_host: int = 0  # prompt tokens loaded back instead of recomputed, since start
     tokens_loaded_from_disk: int = 0
+    load_profile: LoadProfile = field(default_factory=LoadProfile)  # measured speed, for P:D advice
+    # --itl-slo-ms: the token budget of a step that carries the running decodes (the static cap without
+    # an SLO) and the step time line it comes from, t = fixed + per_token * tokens (0 until fitted)
+    step_token_budget: int = 0
+    step_time_fixed_s: float = 0.0
+    step_time_per_token_s: float = 0.0
 
 
 class LLMEngine:
@@ -121,7 +130,11 @@ class LLMEngine:
             restored = self.lower.restore_from_disk()
             log.info("KV disk tier %s: %d pages restored", config.hicache_disk_dir, restored)
         sched = scheduler_config(config)
-        self.scheduler = Scheduler(sched, self.pool, self.cache)
+        # Step time vs batched tokens, learned on every step; with --itl-slo-ms it bounds decode steps.
+        self.step_time = StepTimeModel(sched.max_batch_tokens, min_prefill_tokens=config.page_size)
+        limit = self._step_token_limit if config.itl_slo_ms is not None else None
+        self.scheduler = Scheduler(sched, self.pool, self.cache, step_token_limit=limit)
+        self.profiler = StepProfiler(max_batch=sched.max_running)  # what every step costs, for P:D advice
         self.info = EngineInfo(
             model_id=loaded.model_id,
             model_path=str(loaded.path),
@@ -143,26 +156,38 @@ class LLMEngine:
         self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, cache_salt: str = ""
     ) -> Sequence:
         """A request as the scheduler sees it. The prompt must respect ``info.limits`` (callers check
-        it once, with ``cache.api.requests``): non-empty, shorter than the context, ids in the vocabulary."""
-        return Sequence(
-            request_id,
-            list(prompt_ids),
-            sampling,
-            frozenset(self.info.eos_token_ids),
-            self.info.max_model_len,
-            cache_salt=cache_salt,
-        )
+        it once, with ``cache.api.requests``): non-empty, shorter than the context, ids in the vocabulary.
+
+        With ``sampling.n > 1`` the returned sequence is choice 0 and carries the other choices in
+        ``forks`` (choice i seeded with ``seed + i``); add only it: they start from its prefill."""
+        seqs = [
+            Sequence(
+                request_id,
+                list(prompt_ids),
+                replace(sampling, seed=sampling.seed + i) if i and sampling.seed is not None else sampling,
+                frozenset(self.info.eos_token_ids),
+                self.info.max_model_len,
+                cache_salt=cache_salt,
+                choice=i,
+            )
+            for i in range(sampling.n)
+        ]
+        seqs[0].forks = seqs[1:]
+        return seqs[0]
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)
 
     def abort(self, seq: Sequence) -> None:
-        self.scheduler.finish(seq, FinishReason.ABORT)
-        self.runner.sampler.forget(seq.request_id)
+        """End ``seq`` and the choices still waiting for its prefill."""
+        for s in [seq, *seq.forks]:
+            self.scheduler.finish(s, FinishReason.ABORT)
+            self.runner.sampler.forget(s)
+        seq.forks = []
 
     def step(self) -> list[Sequence]:
-        """One forward pass. Returns the sequences that gained a token (finished ones included) and
-        those that failed (finish reason ERROR, ``seq.error`` says why).
+        """One forward pass. Returns the sequences that gained a token (finished ones included, and
+        forks that started this step) and those that failed (finish reason ERROR, ``seq.error`` says why).
 
         Failures stay with their requests: a row whose sampling raises fails that sequence alone; a
         forward pass that raises fails this batch's sequences, each on its own (waiting ones are not
@@ -170,31 +195,63 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        results: dict[Sequence, Sampled | Exception]
         try:
             start = time.perf_counter()
             results = self.runner.run(batch)
+            seconds = time.perf_counter() - start
+            decodes = batch.num_decodes
+            self.profiler.observe(batch.num_tokens - decodes, decodes, seconds)
+            self.step_time.observe(batch.num_tokens, seconds, decodes)
             if self.lower is not None:  # the measured prefill rate that load-back decisions weigh
-                self.lower.cost.observe_forward(batch.num_tokens, time.perf_counter() - start)
+                self.lower.cost.observe_forward(batch.num_tokens, seconds)
         except Exception as exc:
             log.exception("forward pass failed; failing the %d requests in this batch", len(batch.chunks))
             results = {chunk.seq: exc for chunk in batch.chunks}
         failed = [seq for seq, result in results.items() if isinstance(result, Exception)]
         for seq in failed:
-            log.warning("request %s failed in the engine: %r", seq.request_id, results[seq])
-            seq.error = f"the engine failed while running this request: {results[seq]}"
-            self.scheduler.finish(seq, FinishReason.ERROR)
-        tokens = {seq: t for seq, t in results.items() if not isinstance(t, Exception)}
+            self._fail(seq, results[seq])  # type: ignore[arg-type]
+        tokens = {}
+        for seq, result in results.items():
+            if isinstance(result, Sampled):
+                tokens[seq] = result.token
+                seq.last_logprobs = result.logprobs
+        parents = [c.seq for c in batch.chunks if c.samples and c.seq.forks]  # before postprocess moves on
         updated = self.scheduler.postprocess(batch, tokens)
-        for seq in updated + failed:
+        stepped = updated + self._start_forks(parents, tokens) + failed
+        for seq in stepped:
             if seq.finished:
-                self.runner.sampler.forget(seq.request_id)
-        return updated + failed
+                self.runner.sampler.forget(seq)
+        return stepped
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        log.warning("request %s failed in the engine: %r", seq.request_id, exc)
+        seq.error = f"the engine failed while running this request: {exc}"
+        self.scheduler.finish(seq, FinishReason.ERROR)
+
+    def _start_forks(self, parents: list[Sequence], tokens: dict[Sequence, int]) -> list[Sequence]:
+        """The other choices of requests whose prompt was sampled this step: each starts from the
+        token it drew from those logits (``Scheduler.fork``), or fails with its parent's forward."""
+        started: list[Sequence] = []
+        for parent in parents:
+            waiting = [f for f in parent.forks if not f.finished]
+            parent.forks = []
+            for child in waiting:
+                if child not in tokens and not child.finished:  # the forward failed: no first token
+                    self._fail(child, RuntimeError(parent.error or "the forward pass failed"))
+            children = [(f, tokens[f]) for f in waiting if f in tokens and not f.finished]
+            self.runner.copy_pages(self.scheduler.fork(parent, children))
+            started.extend(waiting)
+        return started
 
     def stats(self) -> EngineStats:
         """Current load; call it on the thread that steps the engine."""
         sched, pool, lower = self.scheduler, self.pool, self.lower
+        fit = self.step_time.fit
         tiers = {}
+        profile = self.profiler.snapshot()
         if lower is not None:
+            profile = replace(profile, kv_load=lower.load_cost())  # what a lower-tier hit saves here
             tiers = dict(
                 host_pages_cached=lower.host_pool.num_used,
                 host_pages_total=lower.host_pool.num_pages,
@@ -211,8 +268,23 @@ class LLMEngine:
             pages_free=pool.num_free,
             pages_cached=self.cache.num_pages,
             pages_total=pool.num_pages,
+            load_profile=profile,
+            step_token_budget=self._step_token_budget(),
+            step_time_fixed_s=fit.fixed_s if fit else 0.0,
+            step_time_per_token_s=fit.per_token_s if fit else 0.0,
             **tiers,
         )
+
+    def _step_token_limit(self, decodes: int) -> int:
+        assert self.config.itl_slo_ms is not None
+        return self.step_time.budget(self.config.itl_slo_ms / 1e3, decodes)
+
+    def _step_token_budget(self) -> int:
+        """What a step with the running decodes may hold now (the static cap without an SLO)."""
+        decodes = sum(1 for s in self.scheduler.running if not s.in_prefill)
+        if self.config.itl_slo_ms is None or not decodes:
+            return self.info.max_batch_tokens
+        return self._step_token_limit(decodes)
 
     def flush_cache(self) -> bool:
         """Drop all cached prefixes; refused (False) while requests are running."""

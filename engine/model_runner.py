@@ -7,7 +7,7 @@ import torch
 
 from engine.models.attention import AttentionBatch, DecodeGroup, KVCache, PrefillSegment
 from engine.models.llama import LlamaForCausalLM
-from engine.sampling import Sampler
+from engine.sampling import Sampled, Sampler
 from engine.scheduler import Batch
 from engine.sequence import Sequence
 
@@ -122,12 +122,29 @@ class ModelRunner:
                 return self._graphs.run(input_ids, positions, attn)
         return self.model(input_ids, positions, attn, self.kv, logits_rows)
 
-    def run(self, batch: Batch) -> dict[Sequence, int | Exception]:
+    def run(self, batch: Batch) -> dict[Sequence, Sampled | Exception]:
         """The next token of each sequence this step samples, or the exception its sampling raised.
+        A sequence sampling its prompt's last logits for the first time with other choices waiting
+        (``seq.forks``) shares that row with them: each fork gets its own first token from it.
         Raises if the forward pass itself fails (then the whole batch has no result)."""
         input_ids, positions, attn, logits_rows, sampled = self.prepare(batch)
         logits = self.forward(input_ids, positions, attn, logits_rows)
         if not sampled:  # only partial prefill chunks this step: KV is written, nothing to sample
             return {}
-        tokens = self.sampler.sample(logits, [s.sampling for s in sampled], [s.request_id for s in sampled])
-        return dict(zip(sampled, tokens, strict=True))
+        forks = [(row, f) for row, s in enumerate(sampled) for f in s.forks if not f.finished]
+        if forks:  # logits: [N + forks, V], fork rows copied from their parent's
+            rows = list(range(len(sampled))) + [row for row, _ in forks]
+            logits = logits[torch.tensor(rows, device=logits.device)]
+            sampled = sampled + [f for _, f in forks]
+        return dict(zip(sampled, self.sampler.sample(logits, sampled), strict=True))
+
+    def copy_pages(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the KV of page ``src`` into page ``dst`` for each pair, in every layer (a fork's
+        private copy of its parent's partly filled last page)."""
+        if not pairs:
+            return
+        ps = self.page_size
+        src = torch.tensor([s * ps + o for s, _ in pairs for o in range(ps)], device=self.device)
+        dst = torch.tensor([d * ps + o for _, d in pairs for o in range(ps)], device=self.device)
+        self.kv.k[:, dst] = self.kv.k[:, src]
+        self.kv.v[:, dst] = self.kv.v[:, src]

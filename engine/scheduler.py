@@ -13,6 +13,7 @@ so its recompute is mostly a cache hit).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from engine.kv.page_pool import PagePool
@@ -47,11 +48,27 @@ class Batch:
     def num_tokens(self) -> int:
         return sum(c.length for c in self.chunks)
 
+    @property
+    def num_decodes(self) -> int:
+        """Rows that decode (one output token's KV each); the other tokens are prompt prefill."""
+        return sum(1 for c in self.chunks if c.length == 1 and c.start >= len(c.seq.prompt_ids))
+
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, pool: PagePool, cache: PrefixCache) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        pool: PagePool,
+        cache: PrefixCache,
+        step_token_limit: Callable[[int], int] | None = None,
+    ) -> None:
+        """``step_token_limit(decodes)``: the tokens a step carrying that many decodes may hold, below
+        the static budget (``--itl-slo-ms``: ``engine.step_budget``); it must exceed ``decodes``, or
+        prompts stall while others decode. Steps without decodes get the whole static budget: no
+        one's inter-token latency waits on them."""
         assert config.max_batch_tokens >= config.max_running, "every running decode must fit in a step"
         self.config = config
+        self.step_token_limit = step_token_limit
         self.pool = pool
         self.cache = cache
         self.waiting: deque[Sequence] = deque()
@@ -88,6 +105,8 @@ class Scheduler:
             chunks.append(ScheduledChunk(seq, seq.num_computed, 1))
             budget -= 1
             i += 1
+        if chunks and self.step_token_limit is not None:  # decodes ride this step: bound its time
+            budget = max(0, min(budget, self.step_token_limit(len(chunks)) - len(chunks)))
         for seq in self.running:  # 2. prefills in progress
             if budget == 0:
                 break
@@ -129,6 +148,53 @@ class Scheduler:
             self._cache_full_pages(seq)
         return updated
 
+    def fork(self, parent: Sequence, children: list[tuple[Sequence, int]]) -> list[tuple[int, int]]:
+        """Start the other choices of ``parent``'s request (n > 1), each from its first token, which
+        was sampled from the logits of ``parent``'s prompt this step (call after ``postprocess``).
+
+        The prompt is prefilled once: a child shares its whole pages through the prefix cache (a
+        locked path, as any cache hit) and gets a private copy of the partly filled last page, so it
+        decodes next step. Returns the (parent page, child page) copies for the runner to make.
+        When there is no running slot or page for it (or ``parent`` already ended), a child waits
+        at the head of the queue instead and, when admitted, recomputes only that last page."""
+        ps, prompt_len = self.config.page_size, len(parent.prompt_ids)
+        full, partial = divmod(prompt_len, ps)
+        copies: list[tuple[int, int]] = []
+        queued: list[Sequence] = []
+        for child, token in children:
+            child.output_ids.append(token)
+            child.admitted, child.num_cached_prompt = True, parent.num_cached_prompt
+            reason = self._finish_reason(child, token)
+            if reason is not None:
+                child.status, child.finish_reason = Status.FINISHED, reason
+                continue
+            shares = (
+                parent.status is Status.RUNNING
+                and parent.num_computed == prompt_len
+                and len(self.running) < self.config.max_running
+            )
+            if not shares or (partial and not self._reserve(1)):
+                queued.append(child)
+                continue
+            assert parent.num_tree_pages == full, "postprocess gives the tree a running prompt's whole pages"
+            child.pages = parent.pages[:full]
+            if partial:
+                child.pages.append(self.pool.alloc(1)[0])
+                copies.append((parent.pages[full], child.pages[-1]))
+            child.cache_node, child.num_tree_pages = parent.cache_node, parent.num_tree_pages
+            if child.cache_node is not None:
+                self.cache.lock(child.cache_node)
+            child.num_computed, child.status = prompt_len, Status.RUNNING
+            self.running.append(child)
+        self.waiting.extendleft(reversed(queued))
+        return copies
+
+    def _reserve(self, num_pages: int) -> bool:
+        """At least ``num_pages`` free pages, evicting cached ones if needed."""
+        if self.pool.num_free < num_pages:
+            self.cache.evict(num_pages - self.pool.num_free)
+        return self.pool.num_free >= num_pages
+
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a sequence (stop, length or abort) and give back everything it holds."""
         if seq.finished:
@@ -163,9 +229,7 @@ class Scheduler:
         need = -(-num_tokens // self.config.page_size) - len(seq.pages)
         if need <= 0:
             return True
-        if self.pool.num_free < need:
-            self.cache.evict(need - self.pool.num_free)
-        if self.pool.num_free < need:
+        if not self._reserve(need):
             return False
         seq.pages.extend(self.pool.alloc(need))
         return True

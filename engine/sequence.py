@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from cache.api.sampling import SamplingParams
 from engine.kv.prefix_cache import Node
+
+if TYPE_CHECKING:
+    from engine.sampling import TokenLogprobs
 
 
 class Status(enum.Enum):
@@ -40,6 +44,11 @@ class Sequence:
     num_tree_pages: int = 0  # leading pages owned by the prefix cache
     admitted: bool = False  # set once: cached-token accounting is for the first admission only
     error: str | None = None  # why it failed, when finish_reason is ERROR
+    # n > 1: choice 0 is scheduled; the other choices wait in its ``forks`` until its prompt's last
+    # logits exist, then each samples its first token from them and shares its prompt's pages.
+    choice: int = 0
+    forks: list[Sequence] = field(default_factory=list)
+    last_logprobs: TokenLogprobs | None = None  # of the newest output token, when the request asks
 
     @property
     def token_ids(self) -> list[int]:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
-from cache.api.errors import error_middleware
+from cache.api.errors import make_error_middleware
 from cache.prompt.tokenizer import Tokenizer
 from gateway import dashboard, handlers, messages_api, passthrough, responses_api
 from gateway.config import GatewayConfig
 from gateway.response_store import ResponseStoreConfig, make_response_store
 from gateway.state import STATE, GatewayState
+
+log = logging.getLogger(__name__)  # the error middleware logs failures under it
 
 
 def create_app(
@@ -22,7 +25,7 @@ def create_app(
 ) -> web.Application:
     """``tokenizer``: one already loaded (tests share one); by default it is loaded from ``config.model``.
     ``responses``: the bounds of the stored ``/v1/responses`` (kept beside the index: Redis or in process)."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[make_error_middleware(log)])
     app[STATE] = GatewayState(config, tokenizer)
     app[responses_api.RESPONSE_STORE] = make_response_store(
         app[STATE].store, responses or ResponseStoreConfig()

@@ -11,6 +11,8 @@ import importlib
 import logging
 import sys
 
+from cache.api.flags import FlagError
+
 # name -> (module, one-line help)
 SUBCOMMANDS = {
     "serve": ("gateway.serve", "the main job: start engine workers and the gateway in front of them"),
@@ -56,7 +58,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+log = logging.getLogger("prefixgate")  # not __name__: that is __main__ under `python -m`
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 2 for a flag that cannot work (argparse's own, or a ``FlagError`` from the
+    subcommand's checks, made before anything slow): one line that names the flag and the fix."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser(argv).parse_args(argv)
@@ -64,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         return int(importlib.import_module(SUBCOMMANDS[args.command][0]).run(args) or 0)
-    except KeyboardInterrupt:
+    except FlagError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C, at any point: whatever started is stopped on the way out
         print("prefixgate: interrupted", file=sys.stderr)
         return 130
 

@@ -19,7 +19,10 @@ class RoutingConfig:
     policy: str = field(default="cache_aware", metadata={"help": "how to choose a worker"})
     host_tier_weight: float = field(
         default=0.5,
-        metadata={"help": "what a prefix cached on the host tier saves, as a fraction of a device-tier hit"},
+        metadata={
+            "help": "what a prefix cached on a host or disk tier saves, as a fraction of a device-tier hit, "
+            "until the worker reports its measured load-back cost (GET /load_profile)"
+        },
     )
     load_cost_tokens: int = field(
         default=128,
@@ -39,11 +42,34 @@ class RoutingConfig:
     bounded_load_slack: int = field(
         default=2, metadata={"help": "requests over the least loaded worker's load that never count as hot"}
     )
+    # KV transfer (gateway/fetch_plans.py, docs/kv-transfer.md): a worker chosen for a request whose longer
+    # prefix a peer holds pulls it from the peer instead of recomputing it.
+    kv_fetch_plans: bool = field(
+        default=True,
+        metadata={
+            "help": "never attach a kv_fetch_plan (by default one goes with a request whose chosen worker "
+            "lacks a prefix a peer holds, when both run --kv-transfer with equal KV layouts)",
+            "flag": "--no-kv-fetch-plans",
+        },
+    )
+    kv_fetch_min_tokens: int = field(
+        default=256,
+        metadata={"help": "attach a fetch plan only when the chosen worker would receive this many tokens"},
+    )
+    kv_fetch_plan_ttl_s: float = 10.0  # a plan expires this long after routing (clocks must agree)
     session_ttl_s: float = 1800.0
     approx_ttl_s: float = 120.0  # lifetime of routed-not-reported index entries (workers without events)
     # A request's prefix is claimed for its worker as soon as it is routed, so that a concurrent request
     # with the same prefix follows it instead of prefilling it again elsewhere; KV events confirm it.
     in_flight_claim_ttl_s: float = 30.0
+    pd_min_remote_prefill_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "prefill/decode disaggregation: a prompt whose part not cached on its decode worker is "
+            "shorter than this is prefilled by the decode worker itself (moving KV would cost more)",
+            "flag": "--pd-min-prefill-tokens",
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -55,6 +81,24 @@ class GatewayConfig:
         metadata={
             "help": "a worker's base URL (our engine, SGLang, or any OpenAI-compatible server)",
             "flag": "--worker",
+            "metavar": "URL",
+        },
+    )
+    prefill_workers: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "a prefill worker of a disaggregated pool (our engine --role prefill, SGLang "
+            "--disaggregation-mode prefill, or a vLLM kv_producer); repeatable",
+            "flag": "--prefill",
+            "metavar": "URL",
+        },
+    )
+    decode_workers: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "a decode worker of a disaggregated pool (it also prefills short prompts itself); "
+            "repeatable",
+            "flag": "--decode",
             "metavar": "URL",
         },
     )
@@ -75,9 +119,10 @@ class GatewayConfig:
         metadata={
             "help": "a worker's KV-event PUB address (for SGLang/vLLM workers whose server info does not "
             "reveal it): URL=tcp://host:port to connect to, URL=bind:tcp://host:port for a gateway-bound "
-            "one (the engine connects); repeatable",
+            "one (the engine connects); then ,replay=tcp://host:port for the engine's replay socket and "
+            ",dp=N for N data-parallel ranks (ports + rank); repeatable",
             "flag": "--worker-events",
-            "metavar": "URL=ENDPOINT",
+            "metavar": "URL=ENDPOINT[,replay=ENDPOINT][,dp=N]",
         },
     )
     model: str | None = field(
@@ -87,8 +132,9 @@ class GatewayConfig:
     redis_url: str | None = field(  # None: the index and shared state stay in this process
         default=None,
         metadata={
-            "help": "share the index with other replicas: redis://host:port/db, or Redis Sentinel "
-            "redis+sentinel://[:password@]host:port[,host:port...]/service[/db]",
+            "help": "share the index with other replicas: redis://host:port/db, Redis Sentinel "
+            "redis+sentinel://[:password@]host:port[,host:port...]/service[/db], or Redis Cluster "
+            "redis+cluster://[:password@]host:port[,host:port...]",
             "flag": "--redis",
             "metavar": "URL",
         },
@@ -134,3 +180,11 @@ class GatewayConfig:
     circuit_open_s: float = 10.0
     max_retries: int = 2  # other workers tried when one fails before its first byte
     recent_requests: int = 200  # kept for /stats and the dashboard (never prompt text)
+    # P:D advice (gateway/pd_advisor.py, docs/disaggregation.md): the targets the advised worker counts meet.
+    ttft_slo_ms: float = field(
+        default=500.0, metadata={"help": "P:D advice: time-to-first-token target (Dynamo's planner default)"}
+    )
+    itl_slo_ms: float = field(
+        default=50.0, metadata={"help": "P:D advice: inter-token latency target (Dynamo's planner default)"}
+    )
+    pd_advice_window_s: float = 60.0  # the workload the advice sizes for: requests served this recently

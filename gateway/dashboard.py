@@ -1,7 +1,7 @@
 """What the dashboard page needs beyond /stats' per-request figures, and the page itself.
 
-* History: once a second the gateway appends a sample (cumulative totals plus figures over the last
-  ``WINDOW_S`` seconds) to a ring buffer of ``HISTORY_S`` samples, so a freshly opened page has the last
+* History: once a second the gateway appends a sample (cumulative totals and hit rates, throughput and
+  latency over the last ``WINDOW_S`` seconds) to a ring buffer of ``HISTORY_S`` samples, so a freshly opened page has the last
   minutes at once. ``/stats?since=T`` returns the samples newer than ``T``.
 * Cluster: replicas sharing state (``gateway.shared_state``) push their totals into its counters once a
   second, off the request path: the increase since the last push goes to ``dash|cluster|<name>`` (all
@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.metrics import HISTOGRAM_BOUNDS, GatewayMetrics, hit_rates, latency_percentiles
+from gateway.metrics import HISTOGRAM_BOUNDS, GatewayMetrics, cached_by_tier, hit_rates, latency_percentiles
 from gateway.shared_state import SharedState
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def figures(totals: Mapping[str, int]) -> dict[str, Any]:
         "completion_tokens": totals.get("completion_tokens", 0),
         "cached_tokens": totals.get("cached_tokens", 0),
         "predicted_cached_tokens": totals.get("predicted_cached_tokens", 0),
+        "predicted_cached_tokens_by_tier": cached_by_tier(totals),
         "prompt_tokens_saved": totals.get("cached_tokens", 0),
         **hit_rates(totals),
         **{
@@ -122,18 +123,21 @@ def figures(totals: Mapping[str, int]) -> dict[str, Any]:
 
 
 def window(before: Mapping[str, int], now: Mapping[str, int], seconds: float) -> dict[str, Any]:
-    """Figures over the interval between two cumulative readings; rates are None when nothing finished."""
+    """Throughput over the interval between two cumulative readings, and the hit rates of every request up
+    to ``now`` (None before any): over the same requests as the hit-rate cards (``figures(now)``), so the
+    chart's latest point is the card's figure. A windowed hit rate would disagree with its card whenever
+    requests finished outside the window, or before this replica first read the shared counters."""
     delta = {k: v - before.get(k, 0) for k, v in now.items()}
     f = figures(delta)
-    busy = f["requests"] > 0
+    total = hit_rates(now)
     return {
         "requests": now.get("requests", 0),
         "prompt_tokens_saved": now.get("cached_tokens", 0),
         "requests_per_s": f["requests"] / seconds,
         "prompt_tokens_per_s": f["prompt_tokens"] / seconds,
         "saved_tokens_per_s": f["cached_tokens"] / seconds,
-        "hit_rate_actual": f["hit_rate_actual"] if delta.get("reported_prompt_tokens", 0) else None,
-        "hit_rate_predicted": f["hit_rate_predicted"] if busy and f["prompt_tokens"] else None,
+        "hit_rate_actual": total["hit_rate_actual"] if now.get("reported_prompt_tokens", 0) else None,
+        "hit_rate_predicted": total["hit_rate_predicted"] if now.get("prompt_tokens", 0) else None,
         **{k: f[k] for k in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")},
     }
 

@@ -28,6 +28,8 @@ from aiohttp import web
 
 from cache.api.errors import ApiError
 from cache.api.replies import Usage
+from gateway.disaggregation import Disaggregation, Leg
+from gateway.fetch_plans import PlannedFetch
 from gateway.metrics import CLIENT_CLOSED, GatewayMetrics, RequestRecord
 from gateway.policies import Decision
 from gateway.proxy import Proxy, Relayed, UpstreamCall, UpstreamFailed
@@ -40,15 +42,30 @@ log = logging.getLogger(__name__)
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "generate": "/generate"}
 
 
-def upstream_body(req: PreparedRequest) -> tuple[bytes, bool]:
+# Fields only the gateway sets: a client's would make a worker pull KV from a peer of the client's choosing
+# (``kv_fetch_plan``) or join a disaggregated transfer (vLLM's ``kv_transfer_params``, SGLang's bootstrap).
+GATEWAY_ONLY_FIELDS = (
+    "kv_fetch_plan",
+    "kv_transfer_params",
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
+)
+
+
+def upstream_body(req: PreparedRequest, fetch: PlannedFetch | None = None) -> tuple[bytes, bool]:
     """The body to send upstream, and whether the gateway asked for a usage chunk the client did not
     (so the proxy strips it). ``cache_salt`` is always the gateway's: the tenant's derived salt (vLLM's
     field; the worker keys its prefix cache by it, as the gateway's hashes do), or absent when the tenant
-    has none. A client's own ``cache_salt`` never reaches a worker."""
+    has none. A client's own ``cache_salt`` and ``GATEWAY_ONLY_FIELDS`` never reach a worker; ``fetch``:
+    the gateway's own ``kv_fetch_plan`` for this worker (``gateway.fetch_plans``)."""
     body: dict[str, Any] = dict(req.body)
-    body.pop("cache_salt", None)
+    for name in ("cache_salt", *GATEWAY_ONLY_FIELDS):
+        body.pop(name, None)
     if req.tenant.salt:
         body["cache_salt"] = req.tenant.salt
+    if fetch is not None:
+        body["kv_fetch_plan"] = fetch.to_json()
     ask_usage = req.stream and req.kind != "generate"  # usage carries cached_tokens, for the hit rate
     if ask_usage:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -61,6 +78,7 @@ class Dispatcher:
     ) -> None:
         self.router, self.pool, self.proxy, self.metrics = router, pool, proxy, metrics
         self.max_retries = max_retries
+        self.disaggregation = Disaggregation(router, pool, proxy, metrics, PATHS)
 
     async def dispatch(
         self,
@@ -77,14 +95,24 @@ class Dispatcher:
         answered_5xx: list[Worker] = []  # charged only if another worker serves the request
         last_error = "no worker answered"
         decision: Decision | None = None
+        leg: Leg | None = None  # the prefill side of a disaggregated request
         recorded = False
         try:
             for attempt in range(self.max_retries + 1):
                 decision = await self.router.choose(req, exclude=tried)
                 worker = decision.worker
+                leg = (
+                    await self.disaggregation.arrange(req, decision, body)
+                    if self.router.disaggregated
+                    else None
+                )
                 call = UpstreamCall(
                     url=worker.url + PATHS[req.kind],
-                    body=body,
+                    body=leg.body
+                    if leg is not None
+                    else body
+                    if decision.fetch is None
+                    else upstream_body(req, decision.fetch)[0],
                     request_id=req.request_id,
                     received=req.received,
                     strip_usage=strip_usage,
@@ -96,6 +124,8 @@ class Dispatcher:
                     with self.pool.dispatch(worker):
                         relayed = await self.proxy.forward(request, call)
                 except UpstreamFailed as exc:
+                    if leg is not None:
+                        await leg.finish()
                     if exc.answered:
                         answered_5xx.append(worker)
                     else:
@@ -115,7 +145,9 @@ class Dispatcher:
                     self.pool.record_success(worker)
                 if relayed.client_gone:
                     relayed.status, relayed.error = CLIENT_CLOSED, "the client went away"
-                self._record(req, decision, relayed)
+                if leg is not None:
+                    await leg.finish()
+                self._record(req, decision, relayed, leg)
                 recorded = True
                 if relayed.status < 400:
                     await self.router.routed(req, worker, relayed.text)
@@ -123,6 +155,8 @@ class Dispatcher:
                         await on_served(worker)
                 return relayed.response
         except asyncio.CancelledError:  # the client went away (handler cancellation)
+            if leg is not None:
+                leg.cancel()
             if decision is not None and not recorded:
                 self._record(
                     req, decision, Relayed(web.Response(), CLIENT_CLOSED, error="the client went away")
@@ -135,7 +169,9 @@ class Dispatcher:
             )
         raise ApiError(502, f"the request failed on every worker tried (last: {last_error})")
 
-    def _record(self, req: PreparedRequest, decision: Decision, relayed: Relayed) -> None:
+    def _record(
+        self, req: PreparedRequest, decision: Decision, relayed: Relayed, leg: Leg | None = None
+    ) -> None:
         usage = relayed.usage or Usage()
         latency_s = time.perf_counter() - req.received
         completion_tokens = usage.completion_tokens or 0
@@ -151,12 +187,18 @@ class Dispatcher:
                 stream=req.stream,
                 prompt_tokens=usage.prompt_tokens or len(req.prompt_ids),
                 predicted_cached_tokens=decision.predicted_cached_tokens,
+                predicted_host_tokens=decision.predicted_host_tokens,
+                predicted_disk_tokens=decision.predicted_disk_tokens,
                 cached_tokens=usage.cached_tokens,
                 completion_tokens=completion_tokens,
                 ttft_s=relayed.ttft_s,
                 latency_s=latency_s,
                 error=relayed.error,
                 tpot_s=RequestRecord.time_per_output_token(relayed.ttft_s, latency_s, completion_tokens),
+                fetch_source=decision.fetch.source if decision.fetch else None,
+                fetch_planned_tokens=decision.fetch.tokens if decision.fetch else 0,
+                prefill_worker=leg.prefill_worker.worker_id if leg and leg.prefill_worker else None,
+                pd_path=leg.path if leg is not None else None,
             ),
             relayed.inter_token_s,
         )

@@ -15,6 +15,7 @@ from cache.api.errors import ApiError
 from cache.api.requests import GenerationRequest, Kind, ServingLimits, parse_request, read_json
 from cache.index.ops import ClearedOp
 from gateway.config import Tenant
+from gateway.dispatch import GATEWAY_ONLY_FIELDS
 from gateway.policies import POLICIES
 from gateway.prompt_bounds import min_prompt_tokens
 from gateway.router import PreparedRequest
@@ -84,6 +85,9 @@ async def prepare(
                 param="model",
                 code="model_not_found",
             )
+    # Only the gateway may ask a worker to move KV: a client's fields for it are dropped unread.
+    for name in GATEWAY_ONLY_FIELDS:
+        body.pop(name, None)
     # The gateway's limits leave engine_features off: n > 1, tools and logprobs go to the upstream, which
     # accepts or refuses them; the worker checks the body again with its own limits.
     parsed = await _parse(state, kind, body)

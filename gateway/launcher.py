@@ -92,6 +92,12 @@ def engine_workers(
     with contextlib.ExitStack() as log_files:
         try:
             ports = free_ports(2 * count if kv_events else count)
+            log.info(
+                "starting %d engine worker%s (model %s); each loads the model before it answers",
+                count,
+                "" if count == 1 else "s",
+                model or "the bundled default",
+            )
             for i in range(count):
                 port, events_port = (ports[2 * i], ports[2 * i + 1]) if kv_events else (ports[i], None)
                 cmd = engine_command(
@@ -102,10 +108,18 @@ def engine_workers(
                 output = log_files.enter_context(open(log_path, "wb")) if log_path is not None else None
                 procs.append(spawn(cmd, output))
                 urls.append(f"http://{HOST}:{port}")
+                log.info(
+                    "engine worker %d/%d starting at %s (pid %d%s)",
+                    i + 1,
+                    count,
+                    urls[-1],
+                    procs[-1].pid,
+                    f", output in {log_path}" if log_path is not None else "",
+                )
             deadline = time.monotonic() + timeout
-            for proc, url, log_path in zip(procs, urls, logs_of, strict=True):
+            for i, (proc, url, log_path) in enumerate(zip(procs, urls, logs_of, strict=True)):
                 wait_healthy(proc, url, deadline, timeout, log_path)
-                log.info("engine worker ready at %s", url)
+                log.info("engine worker %d/%d ready at %s", i + 1, count, url)
             yield [LaunchedWorker(url, proc) for url, proc in zip(urls, procs, strict=True)]
         finally:
             stop_processes(procs)

@@ -45,6 +45,17 @@ class RequestRecord:
     latency_s: float
     error: str | None = None
     tpot_s: float | None = None  # (latency - ttft) / (completion_tokens - 1), streamed requests only
+    fetch_source: str | None = None  # the peer a kv_fetch_plan named (``gateway.fetch_plans``)
+    fetch_planned_tokens: int = 0  # prompt tokens the plan should bring (counted in cached_tokens if it did)
+    prefill_worker: str | None = None  # disaggregation: the worker that prefilled the prompt
+    pd_path: str | None = None  # disaggregation: "remote", "local" or "fallback" (gateway.disaggregation)
+    # of predicted_cached_tokens, those whose fastest copy on the worker is in its host / disk tier
+    predicted_host_tokens: int = 0
+    predicted_disk_tokens: int = 0
+
+    def predicted_by_tier(self) -> dict[str, int]:
+        host, disk = self.predicted_host_tokens, self.predicted_disk_tokens
+        return {"device": self.predicted_cached_tokens - host - disk, "host": host, "disk": disk}
 
     @staticmethod
     def time_per_output_token(ttft_s: float | None, latency_s: float, completion_tokens: int) -> float | None:
@@ -67,6 +78,13 @@ class GatewayMetrics:
         )
         self.decisions = Counter(
             "prefixgate_routing_decisions", "Routing decisions", ["policy", "reason", "worker"], registry=r
+        )
+        self.routed_cached = Counter(
+            "prefixgate_routed_cached_tokens",
+            "Prompt tokens the index predicted cached on the chosen worker, by the fastest tier holding them "
+            "there (device, host, disk); they sum to prefixgate_cached_tokens_predicted",
+            ["tier"],
+            registry=r,
         )
         self.prompt_tokens_reported = Counter(
             "prefixgate_prompt_tokens_reported",
@@ -101,6 +119,16 @@ class GatewayMetrics:
         self.worker_healthy = Gauge(
             "prefixgate_worker_healthy", "1 if the worker is available", ["worker"], registry=r
         )
+        self.pd_advice_workers = Gauge(
+            "prefixgate_gateway_pd_advice_workers",
+            "P:D advice: workers of each role the observed load needs under the TTFT and ITL SLOs "
+            "(prefill + decode, or mixed instead); NaN when no count meets them",
+            ["role"],
+            registry=r,
+        )
+        self.pd_deployed_workers = Gauge(
+            "prefixgate_gateway_pd_deployed_workers", "Available workers of each role", ["role"], registry=r
+        )
         self.index_blocks = Gauge(
             "prefixgate_index_blocks",
             "Blocks per worker and tier in the index",
@@ -133,6 +161,28 @@ class GatewayMetrics:
             ["worker", "reason"],
             registry=r,
         )
+        self.kv_fetch_plans = Counter(
+            "prefixgate_kv_fetch_plans",
+            "Requests whose chosen worker lacked a prefix a peer held, by what the gateway did: attached a "
+            "kv_fetch_plan, or why not",
+            ["outcome"],
+            registry=r,
+        )
+        self.kv_fetch_planned_tokens = Counter(
+            "prefixgate_kv_fetch_planned_tokens",
+            "Prompt tokens attached fetch plans asked workers to pull from a peer",
+            registry=r,
+        )
+        self.pd_requests = Counter(
+            "prefixgate_pd_requests",
+            "Requests to a disaggregated pool by path: prefilled on a prefill worker (remote), by the decode "
+            "worker as too little was uncached (local), or by it because the prefill leg failed (fallback)",
+            ["path"],
+            registry=r,
+        )
+        self.pd_paths: Tally[str] = Tally()
+        self.fetch_outcomes: Tally[str] = Tally()
+        self.fetch_planned_tokens = 0
         self.recent: deque[RequestRecord] = deque(maxlen=recent)
         self.totals: Tally[str] = Tally()
         self.reasons: Tally[str] = Tally()
@@ -175,6 +225,9 @@ class GatewayMetrics:
             t["predicted_cached_tokens"] += rec.predicted_cached_tokens
             self.prompt_tokens.inc(rec.prompt_tokens)
             self.cached_predicted.inc(rec.predicted_cached_tokens)
+            for tier, tokens in rec.predicted_by_tier().items():
+                t[f"predicted_cached_tokens_{tier}"] += tokens
+                self.routed_cached.labels(tier).inc(tokens)
             if rec.cached_tokens is not None:
                 t["reported_prompt_tokens"] += rec.prompt_tokens
                 t["cached_tokens"] += rec.cached_tokens
@@ -182,6 +235,17 @@ class GatewayMetrics:
                 self.prompt_tokens_reported.inc(rec.prompt_tokens)
             t["completion_tokens"] += rec.completion_tokens
             self.completion_tokens.inc(rec.completion_tokens)
+
+    def fetch_plan(self, outcome: str, planned_tokens: int) -> None:
+        """One routing decision where a peer held more of the prompt (``gateway.fetch_plans.OUTCOMES``)."""
+        self.kv_fetch_plans.labels(outcome).inc()
+        self.kv_fetch_planned_tokens.inc(planned_tokens)
+        self.fetch_outcomes[outcome] += 1
+        self.fetch_planned_tokens += planned_tokens
+
+    def pd_request(self, path: str) -> None:
+        self.pd_requests.labels(path).inc()
+        self.pd_paths[path] += 1
 
     def decision(self, policy: str, reason: str, worker: str) -> None:
         self.decisions.labels(policy, reason, worker).inc()
@@ -198,11 +262,15 @@ class GatewayMetrics:
             "completion_tokens": t["completion_tokens"],
             "cached_tokens": t["cached_tokens"],
             "predicted_cached_tokens": t["predicted_cached_tokens"],
+            "predicted_cached_tokens_by_tier": cached_by_tier(t),
             **hit_rates(t),
             "prompt_tokens_saved": t["cached_tokens"],
             **latency_percentiles(self.recent),
             "latency_window": len(self.recent),  # the percentiles are over the last this-many requests
             "routing": dict(self.reasons),
+            "pd_paths": dict(self.pd_paths),  # disaggregation: path -> requests (gateway.disaggregation)
+            "kv_fetch_plans": dict(self.fetch_outcomes),  # outcome -> decisions (gateway.fetch_plans)
+            "kv_fetch_planned_tokens": self.fetch_planned_tokens,
             "uptime_s": time.time() - self.started,
         }
 
@@ -218,6 +286,14 @@ def hit_rates(totals: Mapping[str, int]) -> dict[str, float]:
         "hit_rate_actual": totals.get("cached_tokens", 0) / reported if reported else 0.0,
         "hit_rate_predicted": totals.get("predicted_cached_tokens", 0) / prompt if prompt else 0.0,
     }
+
+
+TIERS = ("device", "host", "disk")
+
+
+def cached_by_tier(totals: Mapping[str, int]) -> dict[str, int]:
+    """Predicted cached tokens of routed requests by the fastest tier holding them on their worker."""
+    return {tier: totals.get(f"predicted_cached_tokens_{tier}", 0) for tier in TIERS}
 
 
 def bucket_key(histogram: str, value: float) -> str:

@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from cache.api.errors import ApiError
+from gateway.dispatch import GATEWAY_ONLY_FIELDS
 from gateway.handlers import read_request
 from gateway.proxy import UpstreamCall, UpstreamFailed
 
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 async def forward(request: web.Request, path: str) -> web.StreamResponse:
     """POST the client's body to ``path`` on the least loaded worker that serves it."""
     state, _, body = await read_request(request)
+    body = {k: v for k, v in body.items() if k not in GATEWAY_ONLY_FIELDS}
     request_id = request.headers.get("X-Request-ID") or f"gw-{uuid.uuid4().hex[:16]}"
     call = UpstreamCall(url="", body=orjson.dumps(body), request_id=request_id, received=0.0)
     failures = []

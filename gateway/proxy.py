@@ -137,6 +137,28 @@ class Proxy:
         finally:
             upstream.release()  # closes the connection if the body was not read to the end
 
+    async def call_json(self, url: str, body: bytes, request_id: str) -> dict:
+        """POST ``body`` and return the worker's JSON object answer, for a leg of a request the client
+        never sees (a disaggregated prefill). Any other answer, a 4xx included, is ``UpstreamFailed``."""
+        headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+        try:
+            async with self.session.post(
+                url, data=body, headers=headers, timeout=self.timeouts, allow_redirects=False
+            ) as upstream:
+                raw = await self._read(upstream, truncate=upstream.status != 200)
+                if upstream.status != 200:
+                    log.warning("%s answered HTTP %d: %r", url, upstream.status, raw[:200])
+                    raise UpstreamFailed(f"HTTP {upstream.status}", answered=upstream.status >= 500)
+        except UPSTREAM_ERRORS as exc:
+            raise UpstreamFailed(type(exc).__name__) from exc
+        try:
+            reply = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise UpstreamFailed("answered something that is not a JSON object")
+        return reply
+
     async def _read(self, upstream: aiohttp.ClientResponse, limit: int = 0, truncate: bool = False) -> bytes:
         """The body, up to ``limit`` (default ``max_body_bytes``); longer is an ``UpstreamFailed`` unless
         ``truncate``. A body that breaks off is one too."""
@@ -218,6 +240,12 @@ async def _relay_stream(
                     raise UpstreamFailed(failure) from exc
                 relayed.status, relayed.worker_failed = 502, True
                 relayed.error = f"worker failed mid-stream: {failure}"
+                log.warning(
+                    "request %s: %s failed mid-stream (%s); the client gets an error event",
+                    call.request_id,
+                    call.url,
+                    failure,
+                )
                 message = "the worker failed mid-stream; the answer is incomplete"
                 if translator is not None:
                     await _to_client(response.write(translator.failed(message)))

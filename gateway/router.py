@@ -18,6 +18,7 @@ from cache.index.store import IndexStore
 from cache.prompt.tokenizer import Tokenizer
 from cache.wire.hashing import block_hashes, namespace_seed
 from gateway.config import RoutingConfig, Tenant
+from gateway.fetch_plans import FetchPlanner
 from gateway.metrics import GatewayMetrics
 from gateway.policies import Decision, Policy, RouteRequest, make_policy
 from gateway.shared_state import SharedState
@@ -66,13 +67,26 @@ class Router:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.policy: Policy = make_policy(routing.policy, routing)
+        self.fetch_planner = FetchPlanner(routing, pool, metrics)
+        # Disaggregated pools: prefill workers by ``policy`` (cache-aware: prefill is where a cached
+        # prefix saves compute), decode workers by load, a session keeping its decode worker.
+        self.decode_policy: Policy = make_policy("session", routing)
 
     def set_policy(self, name: str) -> None:
         self.policy = make_policy(name, self.routing)
 
     # -- routing -------------------------------------------------------------------------------------
-    async def choose(self, req: PreparedRequest, exclude: set[str]) -> Decision:
-        candidates = [w for w in self.pool.available() if w.worker_id not in exclude]
+    @property
+    def disaggregated(self) -> bool:
+        """Prefill workers are attached: requests go to a decode worker, long prompts prefilled first
+        on a prefill worker (``gateway.disaggregation``)."""
+        return any(w.role == "prefill" for w in self.pool)
+
+    async def choose(self, req: PreparedRequest, exclude: set[str], prefill: bool = False) -> Decision:
+        """A worker for ``req``: one that generates (mixed or decode), or with ``prefill`` a prefill
+        worker (``ApiError`` 503 when none is available)."""
+        available = [w for w in self.pool.available() if w.worker_id not in exclude]
+        candidates = [w for w in available if (w.role == "prefill") == prefill]
         if req.kind == "generate":
             candidates = [w for w in candidates if w.native]
         if not candidates:
@@ -83,8 +97,11 @@ class Router:
             route.matches.update(matches)
         if req.session_id is not None:
             route.pinned_worker = await self.shared.pinned_worker(self._session_key(req))
-        decision = self.policy.choose(route, candidates)
-        self.metrics.decision(self.policy.name, decision.reason, decision.worker.worker_id)
+        policy = self.decode_policy if self.disaggregated and not prefill else self.policy
+        decision = policy.choose(route, candidates)
+        self.metrics.decision(policy.name, decision.reason, decision.worker.worker_id)
+        if not self.disaggregated:  # there a request's KV comes from its prefill leg instead
+            decision = self.fetch_planner.attach(decision, req, route.matches, exclude)
         return decision
 
     async def claim(self, req: PreparedRequest, worker: Worker) -> None:

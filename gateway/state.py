@@ -16,12 +16,13 @@ import zmq.auth
 from aiohttp import web
 
 from cache.api.requests import ServingLimits
-from cache.index.ops import IndexOp, WorkerGoneOp
-from cache.index.radix_index import RadixIndexConfig
+from cache.index.ops import ClearedOp, IndexOp, WorkerGoneOp
+from cache.index.radix_index import RadixIndexConfig, TierBlocks
 from cache.index.redis_store import RedisIndexStore, RedisStoreConfig
 from cache.index.rekey import ForeignWorkerNames
 from cache.index.store import IndexStore, LocalIndexStore
-from cache.index.zmq_consumer import KVEventConsumer, WorkerFeed
+from cache.index.zmq_consumer import KVEventConsumer
+from cache.planning.pd_advice import SLO
 from cache.prompt.model_files import model_path
 from cache.prompt.tokenizer import Tokenizer
 from gateway.config import GatewayConfig
@@ -30,6 +31,7 @@ from gateway.discovery import DnsWorkers
 from gateway.dispatch import Dispatcher
 from gateway.event_sources import parse_worker_events
 from gateway.metrics import GatewayMetrics
+from gateway.pd_advisor import PDAdvisor
 from gateway.prompt_bounds import bytes_per_token
 from gateway.proxy import Proxy
 from gateway.router import Router
@@ -67,6 +69,11 @@ class GatewayState:
         self.started = time.time()
         self.replica_id = uuid.uuid4().hex[:12]  # names this replica in the shared dashboard counters
         self.metrics = GatewayMetrics(config.recent_requests)
+        self.advisor = PDAdvisor(
+            SLO(config.ttft_slo_ms / 1e3, config.itl_slo_ms / 1e3),
+            config.routing.pd_min_remote_prefill_tokens,
+            config.pd_advice_window_s,
+        )
         index_config = RadixIndexConfig(approx_ttl_s=config.routing.approx_ttl_s)
         self.store: IndexStore
         self.shared: SharedState
@@ -81,6 +88,7 @@ class GatewayState:
             config.worker_dns, self.add_worker, self.remove_worker, static=config.workers
         )
         self._event_tasks: dict[str, list[asyncio.Task]] = {}  # worker id -> one task per DP rank
+        self._foreign_names: dict[str, ForeignWorkerNames] = {}  # worker id -> its renamer (not ours)
         self._curve_client_keys: tuple[bytes, bytes] | None = None
         if config.kv_events_curve_key:
             public, secret = zmq.auth.load_certificate(config.kv_events_curve_key)
@@ -95,6 +103,8 @@ class GatewayState:
     @contextlib.asynccontextmanager
     async def run(self) -> AsyncIterator[None]:
         cfg = self.config
+        if self._preloaded_tokenizer is None:
+            log.info("gateway starting: loading the tokenizer of %s", model_path(cfg.model).name)
         self.tokenizer = self._preloaded_tokenizer or await asyncio.to_thread(
             Tokenizer.from_checkpoint_path, model_path(cfg.model)
         )
@@ -108,7 +118,11 @@ class GatewayState:
             connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=None)
         )
         self.pool = WorkerPool(
-            self.session, cfg.failure_threshold, cfg.circuit_open_s, self._configured_events
+            self.session,
+            cfg.failure_threshold,
+            cfg.circuit_open_s,
+            self._configured_events,
+            on_restart=self._worker_restarted,
         )
         self.router = Router(cfg.routing, self.pool, self.store, self.shared, self.tokenizer, self.metrics)
         timeouts = aiohttp.ClientTimeout(
@@ -128,6 +142,9 @@ class GatewayState:
         await self.store.start()
         for url in cfg.workers:
             await self.add_worker(url)
+        for role, urls in (("prefill", cfg.prefill_workers), ("decode", cfg.decode_workers)):
+            for url in urls:
+                await self.add_worker(url, role)
         if cfg.worker_dns:
             await self.dns_workers.sync()
             dns = run_periodically(
@@ -178,8 +195,8 @@ class GatewayState:
             known.append(self.config.max_context_tokens)
         return min(known) if known else None
 
-    async def add_worker(self, url: str) -> Worker:
-        worker = await self.pool.add(url)
+    async def add_worker(self, url: str, role: str | None = None) -> Worker:
+        worker = await self.pool.add(url, role)
         await self.shared.register_worker(worker.worker_id, {"url": worker.url, "kind": worker.kind})
         self._ensure_event_feed(worker)
         return worker
@@ -188,6 +205,7 @@ class GatewayState:
         worker = self.pool.remove(worker_id)
         if worker is None:
             return False
+        self._foreign_names.pop(worker_id, None)
         for task in self._event_tasks.pop(worker_id, []):
             task.cancel()
         await self.store.append(WorkerGoneOp(worker_id))  # every replica forgets its blocks
@@ -208,22 +226,12 @@ class GatewayState:
         names = None
         if not worker.own_hashes:
             names = ForeignWorkerNames(worker.worker_id, worker.model_id or "", worker.page_size)
+            self._foreign_names[worker.worker_id] = names
         errors = self.metrics.kv_event_errors
         tasks = []
         for rank in range(worker.dp_ranks):
-            ranked = source.for_rank(rank)
-            feed = WorkerFeed(
-                worker.worker_id,
-                ranked.endpoint,
-                topic=ranked.topic,
-                curve_server_key=ranked.curve_server_key,
-                curve_client_keys=self._curve_client_keys,
-                rank=rank,
-                bind=ranked.bind,
-                replay_endpoint=ranked.replay_endpoint,
-            )
             consumer = KVEventConsumer(
-                feed,
+                source.feed(worker.worker_id, rank, self._curve_client_keys),
                 self._apply_ops,
                 on_bad_message=lambda reason, w=worker.worker_id: errors.labels(w, reason).inc(),
                 names=names,
@@ -231,6 +239,16 @@ class GatewayState:
             tasks.append(asyncio.create_task(consumer.run(), name=f"kv-events-{worker.url}-dp{rank}"))
         self._event_tasks[worker.worker_id] = tasks
         worker.events_ingested = True
+
+    async def _worker_restarted(self, worker: Worker) -> None:
+        """A new process answers at ``worker``'s URL (``WorkerPool.check`` saw a new instance id, before
+        marking it healthy): what the index holds for it describes a cache that is gone. Purged now,
+        not when its first KV event arrives, so no request is routed on the strength of it. (Its event
+        feed purges once more when the new process's seq restarts: that costs hits, never correctness.)"""
+        await self.store.append(ClearedOp(worker.worker_id))  # every replica forgets its blocks
+        names = self._foreign_names.get(worker.worker_id)
+        if names is not None:
+            names.reset()
 
     async def _apply_ops(self, ops: list[IndexOp]) -> None:
         await self.store.append_many(ops)
@@ -253,11 +271,11 @@ class GatewayState:
         for w in self.pool:
             m.worker_load.labels(w.worker_id).set(w.load)
             m.worker_healthy.labels(w.worker_id).set(1 if w.available else 0)
-            device, host = per_worker.get(w.worker_id, (0, 0))
-            m.index_blocks.labels(w.worker_id, "device").set(device)
-            m.index_blocks.labels(w.worker_id, "host").set(host)
+            for tier, blocks in per_worker.get(w.worker_id, TierBlocks(0, 0, 0))._asdict().items():
+                m.index_blocks.labels(w.worker_id, tier).set(blocks)
         m.store_degraded.set(0 if self.store.status == "healthy" else 1)
         m.observe_store_errors(self.store_errors())
+        self.advisor.refresh(list(self.pool), m, time.time())
 
     def store_errors(self) -> dict[str, int]:
         """Shared-store content that failed validation, by kind (cumulative for this store)."""
@@ -268,8 +286,8 @@ class GatewayState:
         per_worker = self.store.index.stats().per_worker
         workers = []
         for w in self.pool:
-            device, host = per_worker.get(w.worker_id, (0, 0))
-            workers.append({**w.describe(), "index_device_blocks": device, "index_host_blocks": host})
+            held = per_worker.get(w.worker_id, TierBlocks(0, 0, 0))._asdict()
+            workers.append({**w.describe(), **{f"index_{tier}_blocks": n for tier, n in held.items()}})
         shared_counters = drop_dashboard_counters(await self.shared.counters())
         out = {
             "policy": self.router.policy.name,
@@ -281,6 +299,7 @@ class GatewayState:
             "shared_counters": shared_counters,
             "workers": workers,
             "recent": self.metrics.recent_requests(),
+            "pd_advice": self.advisor.refresh(list(self.pool), self.metrics, time.time()),
             "replica": self.replica_id,
             "time": time.time(),
         }

@@ -80,16 +80,27 @@ class Supervisor:
     def running(self) -> Iterator[Supervisor]:
         """Start every worker, wait until all are healthy, watch them; stop them all on the way out."""
         try:
+            count = len(self._workers)
             with self._lock:
-                for worker in self._workers:
+                for i, worker in enumerate(self._workers, 1):
                     self._start(worker)
+                    assert worker.process is not None
+                    log.info(
+                        "worker %d/%d starting at %s (pid %d%s): %s",
+                        i,
+                        count,
+                        worker.launch.url,
+                        worker.process.pid,
+                        f", output in {worker.log_path}" if worker.log_path else "",
+                        " ".join(worker.launch.command[:4]),
+                    )
             deadline = time.monotonic() + self.startup_timeout_s
-            for worker in self._workers:
+            for i, worker in enumerate(self._workers, 1):
                 assert worker.process is not None
                 wait_healthy(
                     worker.process, worker.launch.url, deadline, self.startup_timeout_s, worker.log_path
                 )
-                log.info("worker ready at %s", worker.launch.url)
+                log.info("worker %d/%d ready at %s", i, count, worker.launch.url)
             self._thread = threading.Thread(target=self.watch, name="worker-supervisor", daemon=True)
             self._thread.start()
             yield self

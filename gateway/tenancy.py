@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -94,11 +95,55 @@ def salt_secret(value: str | None) -> bytes:
     return secrets.token_bytes(32)
 
 
-def load_api_keys(path: str | Path, secret: bytes) -> dict[str, Tenant]:
+KEY_FIELDS = ("tenant", "salt")
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    kinds = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def load_api_keys(path: str | Path, secret: bytes | Callable[[], bytes]) -> dict[str, Tenant]:
     """A JSON file ``{"<api key>": {"tenant": "name", "salt": "..."}}``. The salt (default: the tenant's
-    name; keys that give the same one share a namespace) is keyed with ``secret`` by ``derive_salt``."""
-    raw = json.loads(Path(path).read_text())
-    return {
-        key: Tenant(v["tenant"], derive_salt(secret, str(v.get("salt", v["tenant"]))))
-        for key, v in raw.items()
-    }
+    name; keys that give the same one share a namespace) is keyed with ``secret`` by ``derive_salt``.
+
+    Raises ValueError saying what is wrong with the file (entries are named by position: keys are
+    secrets and never appear in a message). An empty object is returned as is: the caller decides
+    whether a gateway without keys may start. ``secret`` may be a function, called only when the file
+    has keys (``salt_secret`` warns when the secret is missing: not worth saying for an unusable file)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError("no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f'expected a JSON object {{"<key>": {{"tenant": "name"}}}}, not {_json_kind(raw)}')
+    entries = []
+    for position, (key, entry) in enumerate(raw.items(), 1):
+        where = f"entry {position}"
+        if not key or not key.isascii() or key != key.strip():
+            raise ValueError(f"{where}: a key must be non-empty ASCII without surrounding spaces")
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f'{where}: expected {{"tenant": "name", "salt": "..."}}, not {_json_kind(entry)}'
+            )
+        unknown = sorted(set(entry) - set(KEY_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown field {unknown[0]!r} (the fields are: {', '.join(KEY_FIELDS)})"
+            )
+        tenant, salt = entry.get("tenant"), entry.get("salt", entry.get("tenant"))
+        if not isinstance(tenant, str) or not tenant:
+            raise ValueError(f'{where}: "tenant" must be a non-empty string')
+        if not isinstance(salt, str):
+            raise ValueError(f'{where}: "salt" must be a string')
+        entries.append((key, tenant, salt))
+    if not entries:
+        return {}
+    key_bytes = secret() if callable(secret) else secret
+    return {key: Tenant(tenant, derive_salt(key_bytes, salt)) for key, tenant, salt in entries}

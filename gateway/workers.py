@@ -10,19 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import aiohttp
 import orjson
 
 from cache.index.rekey import gateway_block_size
+from cache.planning.load_profile import LoadProfile
 from cache.wire.hashing import HASH_SCHEME
 from gateway.event_sources import EventSource, from_sglang_config, on_worker_host
 from gateway.proxy import read_capped
 
 log = logging.getLogger(__name__)
+
+UNREACHABLE = "unreachable"
 
 # Probes never follow redirects: a worker's 3xx is not an answer, and following one would make the gateway
 # fetch (or POST to) a URL no admin attached.
@@ -35,7 +39,9 @@ _MAX_PROBE_BYTES = 2**20  # a probe answer larger than this is not one
 class Worker:
     url: str
     worker_id: str
-    kind: str = "openai"  # "prefixgate" (our engine) | "sglang" (native API) | "openai" (plain upstream)
+    # "prefixgate" (our engine) | "sglang" (native API) | "openai" (plain upstream) | UNREACHABLE (it has
+    # not answered a probe yet: what it is, is not known)
+    kind: str = UNREACHABLE
     model_id: str | None = None
     # Tokens per index block for this worker, as the router hashes its prompts: the engine's page for
     # an engine of our hash scheme (its events name those blocks); for any other engine
@@ -46,6 +52,14 @@ class Worker:
     context_length: int | None = None  # max tokens per sequence, as /get_server_info reports it
     kv_events: EventSource | None = None  # where it publishes KV events, if it does
     dp_ranks: int = 1  # KV event streams: one per data-parallel rank
+    # Names the worker's process (our engine's ``instance_id``): a new one at the same URL is a restart,
+    # whose cache is gone. None: the worker does not say (then a restart shows in its KV events' seq).
+    instance_id: str | None = None
+    device_capacity_tokens: int | None = None  # KV tokens its tiers hold, as it reports them
+    host_capacity_tokens: int | None = None
+    # KV transfer (``--kv-transfer``): its KV layout as ``GET /kv_transfer/info`` shows it, None without;
+    # two workers exchange pages only when theirs are equal (``gateway.fetch_plans``).
+    kv_layout: tuple[tuple[str, str | int], ...] | None = None
     healthy: bool = False
     in_flight: int = 0
     reported_load: int = 0  # running + waiting as the worker last reported it
@@ -54,6 +68,12 @@ class Worker:
     circuit_open_until: float = 0.0
     routed: int = 0
     events_ingested: bool = False  # the gateway consumes this worker's KV events (set by GatewayState)
+    # Prefill/decode disaggregation: "prefill" workers prefill for "decode" ones; "mixed" do both. Set
+    # by ``--prefill``/``--decode``, else read from the worker (SGLang's ``disaggregation_mode``).
+    role: str = "mixed"
+    role_configured: bool = False
+    bootstrap_port: int | None = None  # an SGLang prefill worker's KV bootstrap server
+    load_profile: LoadProfile | None = None  # its measured speed (our engine's /load_profile), for P:D advice
 
     @property
     def load(self) -> int:
@@ -89,6 +109,7 @@ class Worker:
             "id": self.worker_id,
             "url": self.url,
             "kind": self.kind,
+            "role": self.role,
             "model": self.model_id,
             "healthy": self.healthy,
             "available": self.available,
@@ -97,7 +118,12 @@ class Worker:
             "load": self.load,
             "routed": self.routed,
             "kv_events": self.kv_events_endpoint,
+            "kv_transfer": self.kv_layout is not None,
             "context_length": self.context_length,
+            "instance_id": self.instance_id,
+            # in index blocks (``page_size`` tokens), as the index counts what it holds
+            "device_capacity_blocks": _blocks(self.device_capacity_tokens, self.page_size),
+            "host_capacity_blocks": _blocks(self.host_capacity_tokens, self.page_size),
             "consecutive_failures": self.consecutive_failures,
         }
 
@@ -109,10 +135,14 @@ class WorkerPool:
         failure_threshold: int,
         circuit_open_s: float,
         configured_events: dict[str, EventSource] | None = None,
+        on_restart: Callable[[Worker], Awaitable[None]] | None = None,
     ) -> None:
         """``configured_events``: worker URL -> its KV event source, as given on the command line
-        (``--worker-events``); it wins over what the worker's server info reveals."""
+        (``--worker-events``); it wins over what the worker's server info reveals. ``on_restart``: awaited
+        when a health check finds a new process at a worker's URL, before it is healthy again (the
+        gateway purges what its index holds for the old one)."""
         self.session = session
+        self.on_restart = on_restart
         self.configured_events = configured_events or {}
         self.failure_threshold = failure_threshold
         self.circuit_open_s = circuit_open_s
@@ -124,10 +154,19 @@ class WorkerPool:
     def available(self) -> list[Worker]:
         return [w for w in self.workers.values() if w.available]
 
-    async def add(self, url: str) -> Worker:
+    async def add(self, url: str, role: str | None = None) -> Worker:
+        """``role``: the worker's part in disaggregation as configured (None: as the worker says)."""
         url = url.rstrip("/")
         worker = self.workers.get(url) or Worker(url=url, worker_id=url)
-        await self.probe(worker)
+        if role is not None:
+            worker.role, worker.role_configured = role, True
+        problem = await self.probe(worker)
+        if problem is not None:
+            log.warning(
+                "worker %s does not answer (%s); it gets no requests until a health check passes",
+                worker.url,
+                problem,
+            )
         self.workers[worker.worker_id] = worker
         return worker
 
@@ -135,12 +174,15 @@ class WorkerPool:
         return self.workers.pop(worker_id, None)
 
     # -- capability detection and health -----------------------------------------------------------
-    async def probe(self, worker: Worker) -> None:
-        """Detect what the worker speaks; marks it healthy if it answers at all."""
-        info = await self._get_json(worker, "/get_server_info")
+    async def probe(self, worker: Worker) -> str | None:
+        """Detect what the worker speaks; marks it healthy if it answers at all. Returns why it is not
+        (None when it answered)."""
+        info, info_problem = await self._request("GET", worker, "/get_server_info", _PROBE_TIMEOUT, json=True)
         if not isinstance(info, dict):
             info = None
         if info is not None:
+            worker.instance_id = _instance_id(info.get("instance_id"))
+            worker.device_capacity_tokens, worker.host_capacity_tokens = _capacity_tokens(info)
             scheme = info.get("kv_block_hash")
             worker.hash_scheme = scheme if isinstance(scheme, str) else None
             worker.kind = "prefixgate" if str(scheme).startswith("prefixgate/") else "sglang"
@@ -148,13 +190,21 @@ class WorkerPool:
             worker.context_length = _positive_int(info.get("context_length"))
             worker.kv_events = _events_from_info(info, worker.url)
             worker.dp_ranks = _dp_ranks(info)
+            mode = info.get("disaggregation_mode")
+            if not worker.role_configured and mode in ("prefill", "decode", "null"):
+                worker.role = "mixed" if mode == "null" else mode
+            worker.bootstrap_port = _positive_int(info.get("disaggregation_bootstrap_port"))
             served = info.get("served_model_name")
             worker.model_id = served if isinstance(served, str) and served else worker.model_id
         worker.kv_events = self.configured_events.get(worker.url, worker.kv_events)
+        if worker.kv_events is not None and worker.kv_events.dp_ranks:  # ``--worker-events ...,dp=N``
+            worker.dp_ranks = worker.kv_events.dp_ranks
         worker.page_size = (
             worker.engine_page_size if worker.own_hashes else gateway_block_size(worker.engine_page_size)
         )
-        models = await self._get_json(worker, "/v1/models")
+        transfer = await self._get_json(worker, "/kv_transfer/info") if worker.kind == "prefixgate" else None
+        worker.kv_layout = _kv_layout(transfer)
+        models, models_problem = await self._request("GET", worker, "/v1/models", _PROBE_TIMEOUT, json=True)
         data = models.get("data") if isinstance(models, dict) else None
         if (
             isinstance(data, list)
@@ -164,6 +214,10 @@ class WorkerPool:
         ):
             worker.model_id = worker.model_id or data[0]["id"]
         worker.healthy = info is not None or models is not None
+        if not worker.healthy:
+            return models_problem or info_problem
+        if info is None and worker.kind == UNREACHABLE:
+            worker.kind = "openai"
         log.info(
             "worker %s: kind=%s model=%s events=%s%s (%s hashes, %d-token blocks)",
             worker.url,
@@ -174,25 +228,51 @@ class WorkerPool:
             "own" if worker.own_hashes else "renamed",
             worker.page_size,
         )
+        return None
 
     async def check(self, worker: Worker) -> None:
+        """Health and load. Logs only changes of state (down, with the reason; up again), never every
+        probe. A worker that comes back, or reports a new ``instance_id`` in its load, is probed again,
+        and a new instance is a restart: ``on_restart`` runs before it takes requests again."""
+        instance, was_healthy = None, worker.healthy
         if worker.native:
-            ok = await self._ok("GET", worker, "/health", _PROBE_TIMEOUT)
-            load = await self._get_json(worker, "/get_load") if ok else None
+            _, problem = await self._request("GET", worker, "/health", _PROBE_TIMEOUT)
+            load = await self._get_json(worker, "/get_load") if problem is None else None
             if isinstance(load, list) and load:  # SGLang answers one entry per data-parallel rank
                 load = load[0]
             if isinstance(load, dict):
+                instance = _instance_id(load.get("instance_id"))
                 running, waiting = load.get("num_reqs"), load.get("num_waiting_reqs")
                 worker.reported_load = (_positive_int(running) or 0) + (_positive_int(waiting) or 0)
                 worker.external_load = max(0, worker.reported_load - worker.in_flight)
+            if problem is None and worker.kind == "prefixgate":
+                worker.load_profile = LoadProfile.from_json(await self._get_json(worker, "/load_profile"))
         else:
-            ok = await self._ok("GET", worker, "/v1/models", _PROBE_TIMEOUT)
-        if ok and not worker.healthy:
-            log.info("worker %s is healthy again", worker.url)
+            _, problem = await self._request("GET", worker, "/v1/models", _PROBE_TIMEOUT)
+        ok = problem is None
+        new_instance = instance is not None and instance != worker.instance_id
+        if ok and (new_instance or not was_healthy):
+            before = worker.instance_id
+            await self.probe(worker)  # back, or a new process: what it serves may have changed too
+            if before is not None and worker.instance_id not in (None, before):
+                log.warning(
+                    "worker %s restarted (instance %s -> %s): its cache is gone",
+                    worker.url,
+                    before,
+                    worker.instance_id,
+                )
+                if self.on_restart is not None:
+                    await self.on_restart(worker)
+        if ok and not was_healthy:
+            log.info("worker %s passes its health check: it takes requests", worker.url)
             worker.consecutive_failures = 0
             worker.circuit_open_until = 0.0
-        elif not ok and worker.healthy:
-            log.warning("worker %s failed its health check", worker.url)
+        elif not ok and was_healthy:
+            log.warning(
+                "worker %s failed its health check (%s); no requests go to it until one passes",
+                worker.url,
+                problem,
+            )
         worker.healthy = ok
 
     async def check_all(self) -> None:
@@ -233,31 +313,70 @@ class WorkerPool:
 
     # -- helpers -------------------------------------------------------------------------------------
     async def _get_json(self, worker: Worker, path: str) -> dict | list | None:
-        try:
-            async with self.session.get(
-                worker.url + path, timeout=_PROBE_TIMEOUT, allow_redirects=False
-            ) as r:
-                if r.status != 200:
-                    return None
-                raw = await read_capped(r.content, _MAX_PROBE_BYTES + 1)
-                return None if len(raw) > _MAX_PROBE_BYTES else orjson.loads(raw)
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            return None
+        answer, _ = await self._request("GET", worker, path, _PROBE_TIMEOUT, json=True)
+        return answer if isinstance(answer, dict | list) else None
 
     async def _ok(self, method: str, worker: Worker, path: str, timeout: aiohttp.ClientTimeout) -> bool:
         """Whether ``worker`` answers ``method path`` with 200 (never following a redirect)."""
+        return (await self._request(method, worker, path, timeout))[1] is None
+
+    async def _request(
+        self, method: str, worker: Worker, path: str, timeout: aiohttp.ClientTimeout, json: bool = False
+    ) -> tuple[object, str | None]:
+        """``(its JSON answer if json, None)`` when ``worker`` answers ``method path`` with 200 (and JSON
+        of at most ``_MAX_PROBE_BYTES``); else ``(None, why not)``, worded for a log line."""
         try:
             async with self.session.request(
                 method, worker.url + path, timeout=timeout, allow_redirects=False
             ) as r:
-                return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            return False
+                if r.status != 200:
+                    return None, f"{path} answered HTTP {r.status}"
+                if not json:
+                    return None, None
+                raw = await read_capped(r.content, _MAX_PROBE_BYTES + 1)
+                if len(raw) > _MAX_PROBE_BYTES:
+                    return None, f"{path} answered more than {_MAX_PROBE_BYTES} bytes"
+                return orjson.loads(raw), None
+        except aiohttp.ClientConnectorError as exc:
+            error = exc.os_error
+            return None, f"cannot connect: {os.strerror(error.errno) if error.errno else error}"
+        except asyncio.TimeoutError:
+            return None, f"{path} did not answer in time"
+        except aiohttp.ClientError as exc:
+            return None, f"{path}: {type(exc).__name__}: {exc}"
+        except ValueError:
+            return None, f"{path} answered something that is not JSON"
 
 
 def _positive_int(value: object) -> int | None:
     """A worker-reported count, or None when it is not a positive integer (workers are not trusted)."""
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _instance_id(value: object) -> str | None:
+    """A worker's process id as it reports it, or None when it does not (or sends something unreasonable:
+    workers are not trusted, and the id goes to logs and /stats)."""
+    return value if isinstance(value, str) and 0 < len(value) <= 64 and value.isprintable() else None
+
+
+def _blocks(tokens: int | None, page_size: int) -> int | None:
+    return tokens // page_size if tokens is not None else None
+
+
+def _capacity_tokens(info: dict) -> tuple[int | None, int | None]:
+    """KV tokens the worker's device and host tiers hold: our engine's ``max_total_tokens`` and
+    ``max_total_host_tokens``; SGLang's ``max_total_num_tokens``, and with HiCache sized by ratio,
+    ``hicache_ratio`` times that. None: not reported (0 host tokens: no host tier)."""
+    device = _positive_int(info.get("max_total_tokens")) or _positive_int(info.get("max_total_num_tokens"))
+    host = info.get("max_total_host_tokens")
+    if isinstance(host, int) and not isinstance(host, bool) and host >= 0:
+        return device, host
+    if info.get("enable_hierarchical_cache") is False:
+        return device, 0
+    ratio, size = info.get("hicache_ratio"), info.get("hicache_size")
+    if device and isinstance(ratio, int | float) and not isinstance(ratio, bool) and ratio > 0 and not size:
+        return device, int(device * ratio)
+    return device, None
 
 
 def _events_from_info(info: dict, worker_url: str) -> EventSource | None:
@@ -270,6 +389,17 @@ def _events_from_info(info: dict, worker_url: str) -> EventSource | None:
             curve_server_key=key if isinstance(key, str) and key else None,
         )
     return from_sglang_config(info.get("kv_events_config"), worker_url)
+
+
+def _kv_layout(info: object) -> tuple[tuple[str, str | int], ...] | None:
+    """The ``layout`` of our engine's ``GET /kv_transfer/info`` (model, dtype, shape) as a comparable
+    value, or None (KV transfer off: a 404; or an answer that is not a small flat object)."""
+    layout = info.get("layout") if isinstance(info, dict) else None
+    if not isinstance(layout, dict) or not 0 < len(layout) <= 16:
+        return None
+    if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in layout.values()):
+        return None
+    return tuple(sorted((str(k), v) for k, v in layout.items()))
 
 
 MAX_DP_RANKS = 256

@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from loadgen import admin, report
+from loadgen import admin, pd_estimate, report
 from loadgen.client import RequestRecord
 from loadgen.metrics import DEFAULT_PERCENTILES, SLO, compute_metrics
 from loadgen.progress import Progress
@@ -42,6 +42,7 @@ class BenchConfig:
     admin_key: str | None = None
     pause_between_runs_s: float = 2.0
     plots: bool = True
+    pd_workers: int = 1  # workers behind the target, for the P:D advice estimate (``loadgen.pd_estimate``)
 
 
 class NothingSucceeded(RuntimeError):
@@ -143,7 +144,13 @@ def _report_run(
         load={k: (v if v != float("inf") else "inf") for k, v in asdict(load).items()},
         slo={k: v for k, v in asdict(config.slo).items() if v is not None},
     )
+    slo = pd_estimate.advice_slo(config.slo.ttft_ms, config.slo.tpot_ms)
+    advice = pd_estimate.run_advice(result.records, result.duration_s, slo, config.pd_workers)
+    if advice is not None:
+        metrics["pd_advice"] = advice
     print(report.format_run_table(target.label, metrics), flush=True)
+    if advice is not None:
+        print(pd_estimate.format_advice(advice), flush=True)
     stem = report.safe_label(target.label)
     report.write_json(config.output_dir / f"{stem}.json", metrics)
     report.write_requests_jsonl(config.output_dir / f"{stem}.requests.jsonl", result.records)

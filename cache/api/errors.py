@@ -56,19 +56,28 @@ def error_response(error: ApiError) -> web.Response:
     return web.json_response(error.body(), status=error.status)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        if exc.status >= 500:
-            log.warning("%s %s failed: %s", request.method, request.path, exc.message)
-        return error_response(exc)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = f"{request.method} {request.path}: {exc.reason}"
-        return error_response(ApiError(exc.status, message, code=exc.reason.lower().replace(" ", "_")))
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(ApiError(500, "internal server error (see the server log)"))
+def make_error_middleware(logger: logging.Logger) -> Any:
+    """The middleware, logging under ``logger``: each server's own name (``gateway.app``,
+    ``engine.server.app``), so an operator reading one process's log knows which side failed."""
+
+    @web.middleware
+    async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            if exc.status >= 500:
+                logger.warning("%s %s failed: %s", request.method, request.path, exc.message)
+            return error_response(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = f"{request.method} {request.path}: {exc.reason}"
+            return error_response(ApiError(exc.status, message, code=exc.reason.lower().replace(" ", "_")))
+        except Exception:
+            logger.exception("unhandled error in %s %s", request.method, request.path)
+            return error_response(ApiError(500, "internal server error (see the server log)"))
+
+    return error_middleware
+
+
+error_middleware = make_error_middleware(log)

@@ -30,6 +30,12 @@ from typing import Any, Protocol, TypeVar
 T = TypeVar("T")
 
 
+class FlagError(ValueError):
+    """A flag's value that cannot work (a taken port, a file that is not a model, a keys file of the wrong
+    shape). The message names the flag and the fix; ``prefixgate`` shows it as one line and exits 2,
+    before any slow work starts."""
+
+
 class ArgumentContainer(Protocol):
     """An ``argparse.ArgumentParser`` or one of its argument groups."""
 

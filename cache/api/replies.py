@@ -75,6 +75,65 @@ def reply_text(reply: dict[str, Any]) -> str:
     return _str(message.get("content")) if isinstance(message, dict) else _str(choices[0].get("text"))
 
 
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A part of one tool call in a chat answer (OpenAI's ``tool_calls`` entries). ``index`` tells the
+    calls apart; a call's first part names its ``call_id`` and ``name`` (None where the upstream did
+    not say), and its ``arguments`` parts concatenate to the arguments' JSON text."""
+
+    index: int
+    call_id: str | None
+    name: str | None
+    arguments: str
+
+
+def reply_tool_calls(reply: dict[str, Any]) -> list[ToolCallDelta]:
+    """The tool calls of a whole chat answer (its first choice's ``message.tool_calls``), each whole."""
+    choice = _first_choice(reply)
+    message = choice.get("message") if choice else None
+    return _tool_calls(message.get("tool_calls")) if isinstance(message, dict) else []
+
+
+def chunk_tool_calls(chunk: dict[str, Any]) -> list[ToolCallDelta]:
+    """The tool-call parts a streamed chat chunk carries (its first choice's ``delta.tool_calls``)."""
+    choice = _first_choice(chunk)
+    delta = choice.get("delta") if choice else None
+    return _tool_calls(delta.get("tool_calls")) if isinstance(delta, dict) else []
+
+
+def _first_choice(reply: dict[str, Any]) -> dict[str, Any] | None:
+    choices = reply.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0]
+    return None
+
+
+def _tool_calls(entries: Any) -> list[ToolCallDelta]:
+    if not isinstance(entries, list):
+        return []
+    calls = []
+    for position, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        index = _count(entry.get("index"))
+        function = entry.get("function") if isinstance(entry.get("function"), dict) else {}
+        call_id, name = entry.get("id"), function.get("name")
+        calls.append(
+            ToolCallDelta(
+                position if index is None else index,
+                call_id if isinstance(call_id, str) and call_id else None,
+                name if isinstance(name, str) and name else None,
+                _arguments(function.get("arguments")),
+            )
+        )
+    return calls
+
+
+def _arguments(value: Any) -> str:
+    """Arguments as JSON text (OpenAI's); an upstream that sends the object itself is read alike."""
+    return orjson.dumps(value).decode() if isinstance(value, dict) else _str(value)
+
+
 def chunk_error(chunk: dict[str, Any]) -> str | None:
     """The message of an error event (``{"error": {...}}``) sent inside a stream, else None."""
     error = chunk.get("error")

@@ -6,9 +6,10 @@ it returns and the engine computes them, so both tokenize alike by construction:
 path from a body to token ids. Every rejection is an ``ApiError`` (400) naming the field.
 
 Unknown fields are ignored, as OpenAI-compatible servers do. Known fields that the embedded engine
-cannot honour (n > 1, logprobs, penalties, logit_bias, response formats, tools) are rejected when
-``limits.engine_features`` is set, rather than silently dropped; the gateway leaves them to whichever
-upstream it forwards to.
+cannot honour (best_of, echo, min_p, min_tokens, prompt logprobs, response formats, forced tool calls)
+are rejected when ``limits.engine_features`` is set, rather than silently dropped; the gateway leaves
+them to whichever upstream it forwards to. So are the fields only the engine reads (``n``, logprobs,
+penalties, ``logit_bias``: ``engine_sampling``), whose ranges an upstream may draw differently.
 
 Hostile input: every value that reaches the sampler is in a range where its math is sound (see
 ``cache.api.sampling``), lists and strings that cost work per generated token are bounded (stop
@@ -21,13 +22,23 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from aiohttp import web
 
 from cache.api.errors import ApiError, bad_request
-from cache.api.sampling import SEED_RANGE, SamplingParams
+from cache.api.sampling import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_N,
+    MAX_REPETITION_PENALTY,
+    MAX_TOP_LOGPROBS,
+    PENALTY_RANGE,
+    SEED_RANGE,
+    SamplingParams,
+)
+from cache.api.tools import ToolRequest, get_tools
 from cache.prompt import chat
 from cache.prompt.tokenizer import Tokenizer
 
@@ -39,6 +50,7 @@ SGLANG_DEFAULT_MAX_NEW_TOKENS = 128
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024  # per stop string: the stream holds back up to this much text
 MAX_STOP_TOKEN_IDS = 256
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for the completions route's ``logprobs``
 MAX_CACHE_SALT_CHARS = 256  # the engine keeps a prefix-cache root per salt while it caches pages
 MAX_RID_CHARS = 256
 MAX_FETCH_PLAN_BLOCKS = 8192  # a fetch plan names at most this many blocks (128k tokens of 16-token pages)
@@ -69,6 +81,10 @@ class GenerationRequest:
     rid: str | None = None  # SGLang's request id (``/generate``)
     prompt_param: str = "prompt"  # the field errors about the prompt name
     kv_fetch_plan: FetchPlan | None = None  # the gateway's plan: pull this prefix from a peer first
+    # Prefill/decode disaggregation (vLLM's ``kv_transfer_params.do_remote_decode``): this engine is the
+    # prefill side; its answer says where the decode side pulls the prompt's KV from.
+    remote_decode: bool = False
+    tool_parser: str | None = None  # chat with tools: the ``cache.prompt.tool_calls`` parser for the answer
 
 
 @dataclass(frozen=True)
@@ -96,6 +112,7 @@ def parse_request(
     if model is not None and not isinstance(model, str) and kind != "generate":
         raise bad_request("'model' must be a string", "model")
     stream = get_bool(body, "stream")
+    tools = ToolRequest()  # chat only
     if kind == "generate":
         prompt_ids, param = _generate_prompt_ids(tokenizer, body)
         sampling = _sampling(sampling_from_sglang, body.get("sampling_params"))
@@ -104,20 +121,25 @@ def parse_request(
         if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_RID_CHARS):
             raise bad_request(f"'rid' must be a string of at most {MAX_RID_CHARS} characters", "rid")
         if limits.engine_features:
-            for name in ("return_logprob", "return_hidden_states"):
-                if get_bool(body, name):
-                    raise bad_request(f"'{name}' is not supported by this engine", name)
+            if get_bool(body, "return_hidden_states"):
+                raise bad_request(
+                    "'return_hidden_states' is not supported by this engine", "return_hidden_states"
+                )
             reject_unsupported_sampling(body.get("sampling_params") or {})
+            sampling = engine_sampling(kind, body, sampling, limits)
     else:
         if limits.engine_features:
             reject_unsupported(body, chat=kind == "chat")
         if kind == "chat":
-            prompt_ids, param = chat_prompt_ids(tokenizer, body.get("messages")), "messages"
+            tools = get_tools(body, tokenizer, limits.engine_features)
+            prompt_ids, param = chat_prompt_ids(tokenizer, body.get("messages"), tools.tools), "messages"
         elif "prompt" not in body:
             raise bad_request("'prompt' is required", "prompt")
         else:
             prompt_ids, param = completion_prompt_ids(tokenizer, body["prompt"]), "prompt"
         sampling = _sampling(sampling_from_openai, body)
+        if limits.engine_features:
+            sampling = engine_sampling(kind, body, sampling, limits)
         options = body.get("stream_options")
         if options is not None and not isinstance(options, dict):
             raise bad_request("'stream_options' must be an object", "stream_options")
@@ -136,7 +158,8 @@ def parse_request(
         model,
         rid,
         param,
-        get_fetch_plan(body),
+        *get_kv_transfer(body),
+        tool_parser=tools.parser,
     )
 
 
@@ -172,12 +195,12 @@ def parse_json(raw: bytes) -> dict[str, Any]:
 
 
 # -- prompts --------------------------------------------------------------------------------------
-def chat_prompt_ids(tokenizer: Tokenizer, messages: Any) -> list[int]:
-    """The chat template rendered and tokenized (``cache.prompt.chat``), its errors as 400s."""
+def chat_prompt_ids(tokenizer: Tokenizer, messages: Any, tools: list[Any] | None = None) -> list[int]:
+    """The chat template rendered with ``tools`` and tokenized (``cache.prompt.chat``), its errors as 400s."""
     try:
-        return chat.chat_prompt_ids(tokenizer, messages)
+        return chat.chat_prompt_ids(tokenizer, messages, tools)
     except chat.InvalidMessages as exc:
-        raise bad_request(str(exc), "messages") from None
+        raise bad_request(str(exc), exc.param) from None
 
 
 def completion_prompt_ids(tokenizer: Tokenizer, prompt: Any, name: str = "prompt") -> list[int]:
@@ -281,29 +304,19 @@ def sampling_from_sglang(params: Any) -> SamplingParams:
 
 
 def reject_unsupported(body: dict[str, Any], *, chat: bool) -> None:
-    """n > 1, logprobs, penalties, best_of, logit_bias, response formats and tools are not
-    implemented: say so instead of ignoring them."""
-    if get_int(body, "n", 1, minimum=1) != 1:
-        raise bad_request("only n=1 is supported", "n")
+    """best_of, echo (prompt logprobs) and response formats are not implemented: say so instead of
+    ignoring them."""
     if get_int(body, "best_of", 1, minimum=1) != 1:
         raise bad_request("only best_of=1 is supported", "best_of")
-    for name in ("logprobs", "top_logprobs") if chat else ("logprobs", "echo"):
-        if body.get(name) not in (None, False):
-            raise bad_request(f"'{name}' is not supported by this engine", name)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if get_float(body, name, 0.0, low=-2.0, high=2.0) != 0.0:
-            raise bad_request(f"'{name}' is not supported by this engine (only 0)", name)
-    if body.get("tools"):
-        raise bad_request("tool calling is not supported by this engine", "tools")
-    if body.get("logit_bias"):
-        raise bad_request("'logit_bias' is not supported by this engine", "logit_bias")
+    if not chat and body.get("echo") not in (None, False):
+        raise bad_request("'echo' is not supported by this engine", "echo")
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
     reject_unsupported_sampling(body)
 
 
-_NEUTRAL_SAMPLING = {"min_p": 0.0, "repetition_penalty": 1.0, "min_tokens": 0}  # vLLM's extra fields
+_NEUTRAL_SAMPLING = {"min_p": 0.0, "min_tokens": 0}  # vLLM's extra fields
 
 
 def reject_unsupported_sampling(params: dict[str, Any]) -> None:
@@ -313,6 +326,108 @@ def reject_unsupported_sampling(params: dict[str, Any]) -> None:
     for name, neutral in _NEUTRAL_SAMPLING.items():
         if params.get(name) not in (None, neutral):
             raise bad_request(f"'{name}' is not supported by this engine (only {neutral})", name)
+
+
+def engine_sampling(
+    kind: Kind, body: dict[str, Any], sampling: SamplingParams, limits: ServingLimits
+) -> SamplingParams:
+    """``sampling`` plus what only the embedded engine reads: ``n`` (OpenAI routes), logprobs
+    (chat ``logprobs``/``top_logprobs``, completions ``logprobs``, SGLang ``return_logprob``/
+    ``top_logprobs_num``), ``presence_penalty``, ``frequency_penalty``, ``repetition_penalty`` and
+    ``logit_bias`` (SGLang: inside ``sampling_params``), each checked against OpenAI's ranges."""
+    if kind == "generate":
+        params = body.get("sampling_params") or {}
+        if get_int(params, "n", 1, minimum=1) != 1:
+            raise bad_request("/generate samples one choice; use the OpenAI routes for n > 1", "n")
+        n, logprobs = 1, _sglang_logprobs(body)
+    else:
+        params = body
+        n = get_int(body, "n", 1, minimum=1) or 1
+        if n > MAX_N:
+            raise bad_request(f"'n' must be at most {MAX_N}, got {n}", "n")
+        logprobs = _openai_logprobs(body, chat=kind == "chat")
+    if sampling.seed is not None and sampling.seed + n - 1 > SEED_RANGE[1]:
+        raise bad_request(f"'seed' + n - 1 must be at most {SEED_RANGE[1]} (choice i uses seed + i)", "seed")
+    low, high = PENALTY_RANGE
+    fields = {
+        "n": n,
+        "logprobs": logprobs,
+        "presence_penalty": get_float(params, "presence_penalty", 0.0, low=low, high=high),
+        "frequency_penalty": get_float(params, "frequency_penalty", 0.0, low=low, high=high),
+        "repetition_penalty": get_float(
+            params, "repetition_penalty", 1.0, low=0.0, high=MAX_REPETITION_PENALTY, open_low=True
+        ),
+        "logit_bias": get_logit_bias(params, limits.vocab_size),
+    }
+    return _sampling(lambda changes: replace(sampling, **changes), fields)
+
+
+def _openai_logprobs(body: dict[str, Any], *, chat: bool) -> int | None:
+    """Chat: ``logprobs: true`` and ``top_logprobs`` in [0, 20]; completions: ``logprobs`` in [0, 5]."""
+    if not chat:
+        logprobs = get_int(body, "logprobs", None, minimum=0)
+        if logprobs is not None and logprobs > MAX_COMPLETION_LOGPROBS:
+            raise bad_request(
+                f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}], got {logprobs}", "logprobs"
+            )
+        return logprobs
+    top = get_int(body, "top_logprobs", None, minimum=0)
+    if top is not None and top > MAX_TOP_LOGPROBS:
+        raise bad_request(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs")
+    if not get_bool(body, "logprobs"):
+        if top:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return None
+    return top or 0
+
+
+def _sglang_logprobs(body: dict[str, Any]) -> int | None:
+    """``return_logprob`` with ``top_logprobs_num``; output tokens only (``logprob_start_len`` -1,
+    which SGLang, too, ignores without ``return_logprob``)."""
+    top = get_int(body, "top_logprobs_num", 0, minimum=0) or 0
+    if top > MAX_TOP_LOGPROBS:
+        raise bad_request(
+            f"'top_logprobs_num' must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs_num"
+        )
+    start = get_int(body, "logprob_start_len", -1)
+    if not get_bool(body, "return_logprob"):
+        return None
+    if start != -1:
+        raise bad_request(
+            "prompt logprobs are not supported: 'logprob_start_len' must be -1", "logprob_start_len"
+        )
+    return top
+
+
+def get_logit_bias(params: dict[str, Any], vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: an object from token ids (decimal strings, in the vocabulary) to
+    biases in [-100, 100], at most ``MAX_LOGIT_BIAS`` of them."""
+    value, name = params.get("logit_bias"), "logit_bias"
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad_request(f"'{name}' must be an object mapping token ids to biases", name)
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad_request(f"'{name}' may hold at most {MAX_LOGIT_BIAS} entries", name)
+    low, high = LOGIT_BIAS_RANGE
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        if (
+            not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12)
+            or int(key) >= vocab_size
+        ):
+            raise bad_request(f"'{name}' keys must be token ids in [0, {vocab_size}), got {_show(key)}", name)
+        if (
+            isinstance(bias, bool)
+            or not isinstance(bias, int | float)
+            or not _finite(bias)
+            or not low <= bias <= high
+        ):
+            raise bad_request(f"'{name}' values must be numbers in [{low}, {high}], got {_show(bias)}", name)
+        if int(key) in out:
+            raise bad_request(f"'{name}' names token {int(key)} twice", name)
+        out[int(key)] = float(bias)
+    return tuple(out.items())
 
 
 def _top_k(body: dict[str, Any]) -> int:
@@ -334,12 +449,55 @@ def get_cache_salt(body: dict[str, Any]) -> str:
     return salt
 
 
-def get_fetch_plan(body: dict[str, Any]) -> FetchPlan | None:
+def get_kv_transfer(body: dict[str, Any]) -> tuple[FetchPlan | None, bool]:
+    """The request's part in a KV transfer: a fetch plan (``kv_fetch_plan``, or vLLM-style
+    ``kv_transfer_params`` with ``do_remote_prefill``: the decode side of a disaggregated request), and
+    whether it is the prefill side of one (``kv_transfer_params.do_remote_decode``)."""
+    plan = get_fetch_plan(body)
+    params = body.get("kv_transfer_params")
+    if params is None:
+        return plan, False
+    name = "kv_transfer_params"
+    if not isinstance(params, dict):
+        raise bad_request(f"'{name}' must be an object", name)
+    remote_prefill, remote_decode = params.get("do_remote_prefill"), params.get("do_remote_decode")
+    if not all(v is None or isinstance(v, bool) for v in (remote_prefill, remote_decode)):
+        raise bad_request(f"'{name}.do_remote_prefill' and '.do_remote_decode' must be booleans", name)
+    if remote_prefill and remote_decode:
+        raise bad_request(f"'{name}' cannot ask for both a remote prefill and a remote decode", name)
+    if not remote_prefill:
+        return plan, remote_decode
+    if plan is not None:
+        raise bad_request(f"'{name}' with do_remote_prefill and 'kv_fetch_plan' are exclusive", name)
+    host, port = params.get("remote_host"), params.get("remote_port")
+    if not isinstance(host, str) or not host or len(host) > 255 or any(c in host for c in "/@?#[] "):
+        raise bad_request(f"'{name}.remote_host' must be a host name or an IPv4 address", name)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise bad_request(f"'{name}.remote_port' must be a TCP port", name)
+    hashes, rid = params.get("remote_block_ids"), params.get("remote_request_id")
+    if not isinstance(hashes, list):
+        raise bad_request(f"'{name}.remote_block_ids' must be an array of block hashes", name)
+    if not hashes:
+        return None, False  # the prompt is shorter than a page: nothing to pull
+    return get_fetch_plan(
+        {
+            "kv_fetch_plan": {
+                "plan_id": rid if isinstance(rid, str) and rid else "remote-prefill",
+                "source_endpoint": f"http://{host}:{port}",
+                "block_hashes": hashes,
+                "expires_at_ms": params.get("expires_at_ms", 2**62),  # vLLM's carry none
+                "namespace": get_cache_salt(body),
+            }
+        },
+        name,
+    ), False
+
+
+def get_fetch_plan(body: dict[str, Any], name: str = "kv_fetch_plan") -> FetchPlan | None:
     """The optional ``kv_fetch_plan`` object (``FetchPlan``), checked for shape only."""
     plan = body.get("kv_fetch_plan")
     if plan is None:
         return None
-    name = "kv_fetch_plan"
     if not isinstance(plan, dict):
         raise bad_request(f"'{name}' must be an object", name)
     plan_id, endpoint, namespace = plan.get("plan_id"), plan.get("source_endpoint"), plan.get("namespace", "")

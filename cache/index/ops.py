@@ -8,7 +8,8 @@ times, and a re-insert keeps the later one, so they commute too.
 Wire format (msgpack array, version 1): ``[kind, worker, ...]`` with kind one of
 ``"S"`` stored ``[.., parent | None, hashes, tier]``, ``"R"`` removed ``[.., hashes, tier]``,
 ``"C"`` cleared ``[..]``, ``"G"`` worker gone ``[..]``, ``"A"`` approximate ``[.., parent | None, hashes,
-expires_at]``.
+expires_at]``. ``tier`` is ``cache.wire.tiers.Tier``'s value (0 device, 1 host, 2 disk; a replica from
+before the disk tier refuses 2, but it never reads this log: the Redis keys name the snapshot version).
 """
 
 from __future__ import annotations

@@ -2,14 +2,19 @@
 
 Representation: chained block hashes already encode their whole prefix (see ``cache.wire.hashing``), so hash
 ``h_i`` *is* the radix-tree node for blocks ``0..i`` and the tree needs no explicit edges: it is one flat
-``OrderedDict[hash -> holders]``. ``holders`` is one int packing three bitmasks over small per-index worker
+``OrderedDict[hash -> holders]``. ``holders`` is one int packing five bitmasks over small per-index worker
 slots (bit s = worker slot s; ``shift`` >= the number of slots), laid out for ``match``::
 
-    holders = held | host_only << shift | both << 2 * shift
-    held = device | host,  host_only = host & ~device,  both = device & host
+    holders = held | host_only << shift | disk_only << 2 * shift | both << 3 * shift | disk_also << 4 * shift
+    held = device | host | disk            (any tier)
+    host_only = host & ~device             (its fastest copy is on the host)
+    disk_only = disk & ~device & ~host     (its only copy is on disk)
+    both = device & host,  disk_also = disk & (device | host)   (only to recover the three tier masks)
 
 so the prefix-AND of ``holders`` along a query carries, in its low ``shift`` bits, who holds every block so
-far, and each block's ``host_only`` bits count the blocks a worker would have to copy back from the host.
+far, and each block's ``host_only`` / ``disk_only`` bits count the blocks a worker would have to load back
+from the host / from disk. Every tier has its own bit: a removal from the device or the host never drops
+a block the disk still holds (nor the reverse).
 
 Why this shape: on a gateway the index is read once per request for the whole prompt (hundreds of blocks),
 and at a million blocks every lookup is a cache miss. A flat dict of ints costs one lookup per block and no
@@ -18,7 +23,7 @@ cache. ``match`` then runs each per-block step as a C-level ``map``/``accumulate
 
 Invariants:
 * No entry has holders 0: a block nobody holds is deleted at once.
-* ``_device_count[s]`` / ``_host_count[s]`` == the number of entries with slot s's device / host bit.
+* ``_counts[tier][s]`` == the number of entries with slot s's bit in that tier.
 * LRU order: every mutation that stores a chain (``stored``, ``insert_approximate``) moves its blocks to the
   MRU end deepest-first, so a chain's ancestors are fresher than its descendants and eviction (plain LRU,
   from the front) takes leaves first. A descendant stored later than its ancestors (a continuation event) can
@@ -40,6 +45,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat
 from operator import and_
+from typing import NamedTuple
 
 from cache.wire.tiers import Tier
 
@@ -52,19 +58,27 @@ class RadixIndexConfig:
 
 @dataclass(frozen=True, slots=True)
 class MatchResult:
-    """One worker's hold on a query: ``blocks`` leading blocks contiguous from the root, split by tier.
-
-    A block held in both tiers counts as device. ``blocks == device_blocks + host_blocks``.
+    """One worker's hold on a query: ``blocks`` leading blocks contiguous from the root, split by the
+    fastest tier holding each (device, else host, else disk). ``blocks == device + host + disk blocks``.
     """
 
     blocks: int
     device_blocks: int
     host_blocks: int
+    disk_blocks: int = 0
 
     @property
     def tier(self) -> Tier:
         """The slowest tier needed to reuse the matched prefix."""
-        return Tier.HOST if self.host_blocks else Tier.DEVICE
+        return Tier.DISK if self.disk_blocks else Tier.HOST if self.host_blocks else Tier.DEVICE
+
+
+class TierBlocks(NamedTuple):
+    """Blocks one worker holds in each tier (a block in two tiers counts in both)."""
+
+    device: int
+    host: int
+    disk: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,7 +86,7 @@ class IndexStats:
     blocks: int
     evictions: int
     approx_entries: int
-    per_worker: dict[str, tuple[int, int]]  # worker -> (device blocks, host blocks)
+    per_worker: dict[str, TierBlocks]
 
 
 def _bits(mask: int) -> Iterator[int]:
@@ -96,8 +110,7 @@ class RadixIndex:
         self._interned: dict[int, int] = {}
         self._slot_of: dict[str, int] = {}
         self._names: list[str | None] = []  # slot -> worker id; None = free slot
-        self._device_count: list[int] = []
-        self._host_count: list[int] = []
+        self._counts: tuple[list[int], ...] = tuple([] for _ in Tier)  # tier -> slot -> blocks
         self._approx_expiry: dict[tuple[int, int], float] = {}  # (slot, hash) -> expires_at
         self._approx_heap: list[tuple[float, int, int]] = []  # (expires_at, slot, hash), lazily pruned
         self.evictions = 0
@@ -131,51 +144,54 @@ class RadixIndex:
             depth += prefix.count(prefix[depth])
             for slot in _bits(held & ~(prefix[depth] & low if depth < n else 0)):
                 ends[slot] = depth
-        on_host = self._host_only_counts(holders[:depth], ends)
+        matched = holders[:depth]
+        on_host = self._slow_counts(matched, ends, Tier.HOST)
+        on_disk = self._slow_counts(matched, ends, Tier.DISK)
         names = self._names
         out: dict[str, MatchResult] = {}
         for slot, end in ends.items():
-            host = on_host.get(slot, 0)
-            out[names[slot]] = MatchResult(end, end - host, host)  # type: ignore[index]
+            host, disk = on_host.get(slot, 0), on_disk.get(slot, 0)
+            out[names[slot]] = MatchResult(end, end - host - disk, host, disk)  # type: ignore[index]
         return out
 
-    def _host_only_counts(self, holders: list[int], ends: dict[int, int]) -> dict[int, int]:
-        """Per slot in ``ends``: how many of its first ``ends[slot]`` blocks it holds on the host only.
+    def _slow_counts(self, holders: list[int], ends: dict[int, int], tier: Tier) -> dict[int, int]:
+        """Per slot in ``ends``: how many of its first ``ends[slot]`` blocks have ``tier`` (HOST: host
+        only; DISK: disk only) as their fastest copy, read off the ``host_only`` / ``disk_only`` field.
 
         Interned holders take few distinct values along one query, so this counts occurrences of each
         value (C-level list.count) rather than testing bits block by block.
         """
         counts: dict[int, int] = {}
-        if not any(self._host_count[slot] for slot in ends):
+        tier_counts = self._counts[tier]
+        if not any(tier_counts[slot] for slot in ends):
             return counts
         shift = self._shift
-        low = (1 << shift) - 1
-        with_host_only = [v for v in set(holders) if v >> shift & low]
+        field, low = tier * shift, (1 << shift) - 1  # host_only is field 1, disk_only field 2
+        with_slow = [v for v in set(holders) if v >> field & low]
         for slot, end in ends.items():
-            bit = 1 << (shift + slot)
-            if values := [v for v in with_host_only if v & bit]:
+            bit = 1 << (field + slot)
+            if values := [v for v in with_slow if v & bit]:
                 prefix = holders[:end]
                 counts[slot] = sum(map(prefix.count, values))
         return counts
 
     def holders(self, block_hash: int) -> dict[str, set[Tier]]:
         """Who holds one block, in which tiers (for tests and debugging)."""
-        device, host = self._decode(self._blocks.get(block_hash, 0))
         out: dict[str, set[Tier]] = {}
-        for tier, mask in ((Tier.DEVICE, device), (Tier.HOST, host)):
+        for tier, mask in zip(Tier, self._decode(self._blocks.get(block_hash, 0)), strict=True):
             for slot in _bits(mask):
                 out.setdefault(self._names[slot], set()).add(tier)  # type: ignore[arg-type]
         return out
 
-    def tier_masks(self) -> Iterator[tuple[int, int, int]]:
-        """``(hash, device mask, host mask)`` for every block, LRU first (for tests and debugging)."""
+    def tier_masks(self) -> Iterator[tuple[int, int, int, int]]:
+        """``(hash, device mask, host mask, disk mask)`` for every block, LRU first (for tests and debugging)."""
         decode = self._decode
         for h, holders in self._blocks.items():
             yield h, *decode(holders)
 
     def stats(self) -> IndexStats:
         per_worker = {
-            name: (self._device_count[slot], self._host_count[slot])
+            name: TierBlocks(*(counts[slot] for counts in self._counts))
             for slot, name in enumerate(self._names)
             if name is not None
         }
@@ -231,7 +247,7 @@ class RadixIndex:
         slot = self._slot_of.get(worker)
         if slot is None:
             return
-        if self._device_count[slot] or self._host_count[slot]:
+        if any(counts[slot] for counts in self._counts):
             bit, blocks = 1 << slot, self._blocks
             # Holders take few distinct values: work out each one's replacement once (0 = nobody left),
             # then the per-block work is one dict probe and one store. dict.values/items walk the table
@@ -239,14 +255,15 @@ class RadixIndex:
             remap: dict[int, int] = {}
             for holders in set(dict.values(blocks)):
                 if holders & bit:  # the held bit: any tier
-                    device, host = self._decode(holders)
-                    remap[holders] = self._encode(device & ~bit, host & ~bit) if (device | host) & ~bit else 0
+                    rest = [mask & ~bit for mask in self._decode(holders)]
+                    remap[holders] = self._encode(*rest) if any(rest) else 0
             for h, holders in [item for item in dict.items(blocks) if item[1] & bit]:
                 if rest := remap[holders]:
                     blocks[h] = rest  # keeps the LRU position
                 else:
                     del blocks[h]
-            self._device_count[slot] = self._host_count[slot] = 0
+            for counts in self._counts:
+                counts[slot] = 0
         if self._approx_expiry:
             for key in [k for k in self._approx_expiry if k[0] == slot]:
                 del self._approx_expiry[key]
@@ -274,22 +291,29 @@ class RadixIndex:
         return dropped
 
     # ---- internals -----------------------------------------------------------------------------------
-    def _encode(self, device: int, host: int) -> int:
+    def _encode(self, device: int, host: int, disk: int = 0) -> int:
         """The holders int for these tier masks, interned: one shared object per distinct value, so
         match's reads of them stay in cache."""
         shift = self._shift
-        holders = (device | host) | (host & ~device) << shift | (device & host) << 2 * shift
+        holders = (
+            (device | host | disk)
+            | (host & ~device) << shift
+            | (disk & ~(device | host)) << 2 * shift
+            | (device & host) << 3 * shift
+            | (disk & (device | host)) << 4 * shift
+        )
         interned = self._interned
         if len(interned) >= _MEMO_LIMIT:
             interned.clear()
         return interned.setdefault(holders, holders)
 
-    def _decode(self, holders: int) -> tuple[int, int]:
-        """``(device, host)`` masks of a holders int."""
+    def _decode(self, holders: int) -> tuple[int, int, int]:
+        """``(device, host, disk)`` masks of a holders int."""
         shift = self._shift
         low = (1 << shift) - 1
-        held, host_only, both = holders & low, holders >> shift & low, holders >> 2 * shift
-        return held & ~host_only, host_only | both
+        held, host_only, disk_only = holders & low, holders >> shift & low, holders >> 2 * shift & low
+        both, disk_also = holders >> 3 * shift & low, holders >> 4 * shift
+        return held & ~host_only & ~disk_only, host_only | both, disk_only | disk_also
 
     def _slot(self, worker: str) -> int:
         slot = self._slot_of.get(worker)
@@ -303,68 +327,72 @@ class RadixIndex:
             if slot >= self._shift:
                 self._widen(2 * self._shift)
             self._names.append(worker)
-            self._device_count.append(0)
-            self._host_count.append(0)
+            for counts in self._counts:
+                counts.append(0)
         self._slot_of[worker] = slot
         return slot
 
     def _widen(self, shift: int) -> None:
         """Re-encode every holders value with a larger ``shift`` (when worker slots outgrow it). O(blocks)."""
         blocks, decode = self._blocks, self._decode
-        masks = [(h, *decode(holders)) for h, holders in blocks.items()]
+        masks = [(h, decode(holders)) for h, holders in blocks.items()]
         self._shift, self._interned = shift, {}
-        for h, device, host in masks:
-            blocks[h] = self._encode(device, host)
+        for h, tiers in masks:
+            blocks[h] = self._encode(*tiers)
 
     def _store(self, slot: int, hashes: Sequence[int], tier: Tier) -> None:
         # Every routed request stores its whole prompt (the routing claim), mostly blocks the worker already
         # holds, so whether the tier bit is set is read off the encoded holders without decoding them:
-        # device <=> held and not host-only; host <=> host-only or both.
-        bit, shift, on_device = 1 << slot, self._shift, tier is Tier.DEVICE
+        # device <=> held and neither host-only nor disk-only; host <=> host-only or both; disk <=>
+        # disk-only or disk-also. A block the worker holds in no tier yet (a new prefix) is one OR away:
+        # ``fresh`` is its bits once held in ``tier`` alone.
+        bit, shift = 1 << slot, self._shift
         blocks, get, decode, encode = self._blocks, self._blocks.get, self._decode, self._encode
+        if tier is Tier.DEVICE:
+            probe, want, fresh = bit | bit << shift | bit << 2 * shift, bit, bit
+        elif tier is Tier.HOST:
+            probe, want, fresh = bit << shift | bit << 3 * shift, 0, bit | bit << shift
+        else:
+            probe, want, fresh = bit << 2 * shift | bit << 4 * shift, 0, bit | bit << 2 * shift
+        if len(self._interned) >= _MEMO_LIMIT:
+            self._interned.clear()
+        intern = self._interned.setdefault
         added = 0
         for h in hashes:
             holders = get(h, 0)
-            if on_device:
-                if holders & (bit | bit << shift) == bit:
+            if want:
+                if holders & probe == want:
                     continue
-                device, host = decode(holders)
-                device |= bit
+            elif holders & probe:
+                continue
+            if holders & bit:  # held in another tier: its other fields change too
+                masks = list(decode(holders))
+                masks[tier] |= bit
+                blocks[h] = encode(*masks)
             else:
-                if holders & (bit << shift | bit << 2 * shift):
-                    continue
-                device, host = decode(holders)
-                host |= bit
-            blocks[h] = encode(device, host)
+                new = holders | fresh
+                blocks[h] = intern(new, new)
             added += 1
-        self._tier_counts(tier)[slot] += added
+        self._counts[tier][slot] += added
         # Deepest first: ancestors end up fresher than descendants. deque(maxlen=0) runs the map in C.
         deque(map(blocks.move_to_end, reversed(hashes)), maxlen=0)
 
     def _unset(self, slot: int, block_hash: int, tier: Tier) -> None:
         bit = 1 << slot
-        device, host = self._decode(self._blocks.get(block_hash, 0))
-        if not (device if tier is Tier.DEVICE else host) & bit:
+        masks = list(self._decode(self._blocks.get(block_hash, 0)))
+        if not masks[tier] & bit:
             return
-        if tier is Tier.DEVICE:
-            device &= ~bit
-        else:
-            host &= ~bit
-        if device or host:
-            self._blocks[block_hash] = self._encode(device, host)
+        masks[tier] &= ~bit
+        if any(masks):
+            self._blocks[block_hash] = self._encode(*masks)
         else:
             del self._blocks[block_hash]
-        self._tier_counts(tier)[slot] -= 1
-
-    def _tier_counts(self, tier: Tier) -> list[int]:
-        return self._device_count if tier is Tier.DEVICE else self._host_count
+        self._counts[tier][slot] -= 1
 
     def _evict_over_capacity(self) -> None:
         blocks = self._blocks
         while len(blocks) > self.config.max_blocks:
-            device, host = self._decode(blocks.popitem(last=False)[1])
-            for slot in _bits(device):
-                self._device_count[slot] -= 1
-            for slot in _bits(host):
-                self._host_count[slot] -= 1
+            for counts, mask in zip(self._counts, self._decode(blocks.popitem(last=False)[1]), strict=True):
+                for slot in _bits(mask):
+                    counts[slot] -= 1
             self.evictions += 1

@@ -1,7 +1,8 @@
 """RedisIndexStore: gateway replicas share the index log in Redis.
 
-Keys (under ``key_prefix`` + ``index:v<hash format>.<snapshot format>:``, so replicas of versions that name
-blocks differently never share a log): ``log`` Stream of index ops (field ``op`` = ``cache.index.ops``
+Keys (under ``key_prefix`` + ``{index:v<hash format>.<snapshot format>}:``, so replicas of versions that
+name blocks differently never share a log, and a Redis Cluster keeps them all on the slot of that hash
+tag): ``log`` Stream of index ops (field ``op`` = ``cache.index.ops``
 msgpack); ``epoch`` token of the current Redis "generation"; ``snapshot`` msgpack ``{epoch, covered, index}``
 where ``covered`` is the last stream id folded into the index; ``snapshot:covered``; ``log:trimmed`` (the
 MINID the log was last trimmed to); ``snapshot:lock``. The gateway keeps its other shared state (registry,
@@ -30,6 +31,11 @@ Protocol:
   the next connection finds the promoted replica, and the tail task re-syncs (an empty master is seeded as
   after a Redis loss). Ops acknowledged by the old master but not yet replicated are lost with it: the
   index then under-reports until workers store those blocks again, which only costs hits.
+* Redis Cluster (``redis+cluster://`` URLs): the index keys share one hash tag, so the snapshot's MULTI
+  (snapshot, covered, trim, trimmed) and every other multi-key command stay on one slot; the gateway's
+  other keys are single-key commands, spread over the slots. A failover is handled as with Sentinel: the
+  commands in flight fail, the store goes degraded, and the client's next command reloads the slot map and
+  finds the promoted replica.
 """
 
 from __future__ import annotations
@@ -47,9 +53,11 @@ from typing import Any, NoReturn, TypeVar
 
 import msgpack
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 
 from cache.index.ops import IndexOp, apply_op, decode_op, encode_op
 from cache.index.radix_index import RadixIndex, RadixIndexConfig
@@ -62,8 +70,9 @@ T = TypeVar("T")
 
 
 def index_key_prefix(key_prefix: str) -> str:
-    """Where the index log and snapshot live: versioned by hash and snapshot format."""
-    return f"{key_prefix}index:v{FORMAT_VERSION}.{SNAPSHOT_VERSION}:"
+    """Where the index log and snapshot live: versioned by hash and snapshot format, and inside one hash
+    tag (``{...}``) so that a Redis Cluster keeps them on one slot, as its MULTI needs."""
+    return f"{key_prefix}{{index:v{FORMAT_VERSION}.{SNAPSHOT_VERSION}}}:"
 
 
 @dataclass(frozen=True)
@@ -82,30 +91,56 @@ class RedisStoreConfig:
 
 SENTINEL_SCHEME = "redis+sentinel://"
 SENTINEL_PORT = 26379
+CLUSTER_SCHEME = "redis+cluster://"
+CLUSTER_PORT = 6379
+
+RedisClient = Redis | RedisCluster  # what the store and its neighbours (``client``) talk to
 
 
-def redis_client(url: str, **options: Any) -> Redis:
-    """A client for ``url``: anything ``Redis.from_url`` takes (``redis://``, ``rediss://``, ``unix://``), or
+def redis_client(url: str, **options: Any) -> RedisClient:
+    """A client for ``url``: anything ``Redis.from_url`` takes (``redis://``, ``rediss://``, ``unix://``);
     ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]``: the master the
-    sentinels name ``service`` (the password is the data nodes'; the sentinels are asked without one)."""
-    if not url.startswith(SENTINEL_SCHEME):
-        return Redis.from_url(url, **options)
-    netloc, _, path = url[len(SENTINEL_SCHEME) :].partition("/")
+    sentinels name ``service`` (the password is the data nodes'; the sentinels are asked without one); or
+    ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``: a Redis Cluster, found from any of
+    those nodes (one reachable seed is enough; the client learns the rest and follows slot moves)."""
+    if url.startswith(SENTINEL_SCHEME):
+        return _sentinel_client(url, **options)
+    if url.startswith(CLUSTER_SCHEME):
+        return _cluster_client(url, **options)
+    return Redis.from_url(url, **options)
+
+
+def _split_url(
+    url: str, scheme: str, default_port: int
+) -> tuple[dict[str, str | None], list[tuple[str, int]], str]:
+    """``scheme[[user]:password@]host[:port][,...][/path]`` as (credentials, [(host, port)], path)."""
+    netloc, _, path = url[len(scheme) :].partition("/")
     credentials, _, hosts = netloc.rpartition("@")
     username, _, password = credentials.partition(":") if ":" in credentials else ("", "", credentials)
-    service, _, db = path.strip("/").partition("/")
-    if not hosts or not service or (db and not db.isdigit()):
-        raise ValueError(f"{url!r}: expected {SENTINEL_SCHEME}host[:port][,host[:port]...]/service[/db]")
-    sentinels = []
-    for entry in hosts.split(","):
+    nodes = []
+    for entry in hosts.split(",") if hosts else ():
         host, sep, port = entry.rpartition(":")
         if not sep or not port.isdigit() or (host.count(":") and not host.endswith("]")):
-            host, port = entry, str(SENTINEL_PORT)  # no port (a bare IPv6 address has colons too)
-        sentinels.append((host.strip("[]"), int(port)))
+            host, port = entry, str(default_port)  # no port (a bare IPv6 address has colons too)
+        nodes.append((host.strip("[]"), int(port)))
+    return {"username": username or None, "password": password or None}, nodes, path.strip("/")
+
+
+def _sentinel_client(url: str, **options: Any) -> Redis:
+    auth, sentinels, path = _split_url(url, SENTINEL_SCHEME, SENTINEL_PORT)
+    service, _, db = path.partition("/")
+    if not sentinels or not service or (db and not db.isdigit()):
+        raise ValueError(f"{url!r}: expected {SENTINEL_SCHEME}host[:port][,host[:port]...]/service[/db]")
     timeouts = {k: v for k, v in options.items() if k in ("socket_timeout", "socket_connect_timeout")}
-    auth = {"username": username or None, "password": password or None}
     sentinel = Sentinel(sentinels, sentinel_kwargs=timeouts, db=int(db or 0), **auth, **options)
     return sentinel.master_for(service, redis_class=Redis)
+
+
+def _cluster_client(url: str, **options: Any) -> RedisCluster:
+    auth, seeds, path = _split_url(url, CLUSTER_SCHEME, CLUSTER_PORT)
+    if not seeds or path not in ("", "0"):  # a cluster has only database 0
+        raise ValueError(f"{url!r}: expected {CLUSTER_SCHEME}host[:port][,host[:port]...]")
+    return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in seeds], **auth, **options)
 
 
 class _NotReady(Exception):
@@ -148,17 +183,15 @@ class RedisIndexStore(IndexStore):
             ix + "log:trimmed",
             ix + "snapshot:lock",
         )
+        index_keys = (self._k_log, self._k_epoch, self._k_snapshot, self._k_covered, self._k_trimmed)
+        if len({key_slot(k.encode()) for k in index_keys}) != 1:  # a "{}" in the prefix voids the tag
+            raise ValueError(f"key prefix {config.key_prefix!r} splits the index over Redis Cluster slots")
         no_retry = Retry(NoBackoff(), 0)  # fail fast: the caller's fallback is better than a stall
         timeout = config.op_timeout_s
         self._redis = redis_client(
             config.url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=no_retry
         )
-        self._tail = redis_client(
-            config.url,
-            socket_timeout=timeout + config.poll_block_ms / 1000,
-            socket_connect_timeout=timeout,
-            retry=no_retry,
-        )
+        self._tail = self._tail_client()
         self._pending: deque[bytes] = deque()  # encoded ops applied locally, not yet in the log, in order
         self._resync_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._flush_lock = asyncio.Lock()
@@ -231,7 +264,7 @@ class RedisIndexStore(IndexStore):
 
     # ---- for components that keep their own state on this connection (``gateway.shared_state``) ------
     @property
-    def client(self) -> Redis:
+    def client(self) -> RedisClient:
         """The command connection: fail-fast (``op_timeout_s``, no retries). Prefer ``guard`` around calls."""
         return self._redis
 
@@ -304,7 +337,29 @@ class RedisIndexStore(IndexStore):
             except Exception as exc:
                 self._failures += 1
                 self._degrade(exc)
+                if isinstance(self._tail, RedisCluster):
+                    await self._renew_tail()
                 await asyncio.sleep(self.retry_delay_s)
+
+    def _tail_client(self) -> RedisClient:
+        """The tail task's connection: its socket timeout leaves room for XREAD's block."""
+        cfg = self.config
+        return redis_client(
+            cfg.url,
+            socket_timeout=cfg.op_timeout_s + cfg.poll_block_ms / 1000,
+            socket_connect_timeout=cfg.op_timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+
+    async def _renew_tail(self) -> None:
+        """Redis Cluster: the next round reads on a fresh client. redis-py's cluster client asks one node
+        which slot an XREAD goes to (its keys are "movable"), before its own error handling; when that
+        node died in a failover, every XREAD failed on it and the client never re-learned the topology
+        (seen with redis-py 8.1, in about one failover in ten). A fresh client maps the slots again from
+        whichever seed answers."""
+        old, self._tail = self._tail, self._tail_client()
+        with contextlib.suppress(Exception):
+            await old.aclose()
 
     def _apply_entry(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         self._last_id = entry_id

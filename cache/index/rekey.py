@@ -29,9 +29,12 @@ Invariants:
   class (the worker is purged and ``reset`` called), so skipping only loses hits, never invents them.
 * Memory is bounded by ``max_blocks`` engine blocks; beyond it the namer resets and the worker's
   entries are purged (``ClearedOp``): an index that forgets is safe, one that is wrong is not.
-* Namespaces: a block stored with ``cache_salt`` s is rooted at ``namespace_seed(model_id, s)``, as the
-  gateway hashes a tenant's prompts (it sends the tenant's salt as ``cache_salt``); a LoRA block is
-  rooted at its adapter's name, as requests naming that adapter as their model are hashed.
+* Namespaces: a block stored with ``cache_salt`` s (SGLang's field; vLLM sends the salt in the chain's
+  first block's ``extra_keys``) is rooted at ``namespace_seed(model_id, s)``, as the gateway hashes a
+  tenant's prompts (it sends the tenant's salt as ``cache_salt``); a LoRA block is rooted at its
+  adapter's name, as requests naming that adapter as their model are hashed.
+* A block whose KV depends on more than its tokens (vLLM's ``extra_keys`` naming an image or prompt
+  embeddings) is skipped and counted like an unknown parent, and so are its descendants.
 """
 
 from __future__ import annotations
@@ -115,8 +118,10 @@ class ForeignBlockNamer:
         if size < 1 or len(tokens) != size * len(event.block_hashes):
             self.stats.unresolved += len(event.block_hashes)  # no token ids (privacy mode) or malformed
             return []
+        extras = _extras(event)
         if event.parent_block_hash is None:
-            root = namespace_seed(self._model_key(event), event.cache_salt or "")
+            salt = event.cache_salt or (extras[0] if extras and extras[0] else "")
+            root = namespace_seed(self._model_key(event), salt)
             state: _EngineBlock | None = _EngineBlock(root, root, (), ())
         else:
             state = self._blocks.get(event.parent_block_hash)
@@ -129,7 +134,10 @@ class ForeignBlockNamer:
                     known.tiers.add(tier)
                     new += self._hold(known.completed, tier)
                 continue
-            if state is None:
+            salted_root = i == 0 and event.parent_block_hash is None
+            if state is None or extras[i] is None or (extras[i] and not salted_root):
+                # unknown parent, or content beyond the tokens (an image, prompt embeddings), or a salt
+                # where vLLM puts none: this block and the ones after it cannot be named by their tokens
                 self.stats.unresolved += len(event.block_hashes) - i
                 break
             state = self._extend(state, tokens[i * size : (i + 1) * size])
@@ -184,6 +192,27 @@ class ForeignBlockNamer:
                     self._refs.pop(key, None)
                     gone.append(h)
         return [RemovedOp(self.worker_id, gone, tier)] if gone else []
+
+
+def _extras(event: BlockStored) -> list[str | None]:
+    """What each block's hash covers beyond its tokens, as vLLM's ``extra_keys`` tell it: "" nothing (or
+    only the event's LoRA adapter, which ``lora_name`` names already), a string the request's cache salt
+    (vLLM puts it in a chain's first block), None anything else: ``(mm identifier, offset)`` pairs of an
+    image, prompt-embeds digests, a second string, any shape a later version adds. The token ids do not
+    determine such a block's KV, so it is never named (two images behind the same placeholder tokens would
+    otherwise share a name)."""
+    per_block = event.extra_keys or [None] * len(event.block_hashes)
+    return [_salt_of(keys, event.lora_name) for keys in per_block]
+
+
+def _salt_of(keys: list[object] | None, lora_name: str | None) -> str | None:
+    rest = list(keys or ())
+    if lora_name is not None and rest[:1] == [lora_name]:
+        rest = rest[1:]  # vLLM lists the adapter's name first in every block's keys
+    if not rest:
+        return ""
+    salt = rest[0]
+    return salt if len(rest) == 1 and isinstance(salt, str) and salt else None
 
 
 class ForeignWorkerNames:

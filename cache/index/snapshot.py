@@ -1,9 +1,9 @@
 """Serialise a RadixIndex to msgpack bytes and back (the Redis snapshot; a friend module of radix_index).
 
-Format (msgpack map, version 2)::
+Format (msgpack map, version 3)::
 
-    {"v": 2, "workers": [name | None, ...],             # index = slot in the masks below
-     "values": [[device_mask, host_mask], ...],         # the distinct holder sets; a mask past 64 bits
+    {"v": 3, "workers": [name | None, ...],             # index = slot in the masks below
+     "values": [[device, host, disk], ...],             # the distinct holder sets (masks); one past 64 bits
                                                         # is little-endian bytes (msgpack ints stop there)
      "hashes": bytes,                                   # u64 little-endian per block, LRU -> MRU order
      "value_ids": bytes,                                # u32 little-endian per block: index into values
@@ -13,8 +13,11 @@ Blocks are columns of packed ints rather than one msgpack array per block, and h
 distinct value (a few hundred at a million blocks): a snapshot is written on a replica's event loop, so its
 cost is a routing stall. Block hashes are u64, as ``cache.wire.hashing`` and ``cache.wire.events`` produce them.
 
-Version 1 carried ``[hash, parent, device, host]`` per block, for an explicit tree the index no longer
-keeps. Loading into a fresh index reproduces match results exactly; LRU order is kept.
+Version 2 is version 3 without the disk mask (the index kept disk holders as host then); it still loads,
+with no disk holders. Version 1 carried ``[hash, parent, device, host]`` per block, for an explicit tree
+the index no longer keeps. Loading into a fresh index reproduces match results exactly; LRU order is kept.
+The Redis store's keys name ``SNAPSHOT_VERSION`` (``cache.index.redis_store``), so replicas of another
+version never share a log or a snapshot with this one.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import numpy as np
 
 from cache.index.radix_index import RadixIndex, RadixIndexConfig, _bits
 
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
+_READABLE = (2, 3)
 
 
 def _pack_mask(mask: int) -> int | bytes:
@@ -64,27 +68,28 @@ def load_index(
 ) -> RadixIndex:
     """Rebuild an index from ``dump_index`` bytes. Raises ValueError on an unknown version."""
     state = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    if state.get("v") != SNAPSHOT_VERSION:
+    if state.get("v") not in _READABLE:
         raise ValueError(f"unsupported snapshot version {state.get('v')!r}")
     index = RadixIndex(config, clock)
     names: list[str | None] = list(state["workers"])
     index._names = names
     index._slot_of = {name: slot for slot, name in enumerate(names) if name is not None}
-    index._device_count, index._host_count = [0] * len(names), [0] * len(names)
+    index._counts = tuple([0] * len(names) for _ in index._counts)
     while index._shift < len(names):
         index._widen(2 * index._shift)
-    masks = [(_unpack_mask(device), _unpack_mask(host)) for device, host in state["values"]]
-    table = [index._encode(device, host) for device, host in masks]
+    masks = [tuple(map(_unpack_mask, value)) for value in state["values"]]
+    if any(len(tiers) != (3 if state["v"] == 3 else 2) for tiers in masks):
+        raise ValueError("snapshot holder sets do not have one mask per tier")
+    table = [index._encode(*tiers) for tiers in masks]
     ids = np.frombuffer(state["value_ids"], dtype="<u4")
     hashes = np.frombuffer(state["hashes"], dtype="<u8")
     if len(ids) != len(hashes) or (len(ids) and int(ids.max()) >= len(table)):
         raise ValueError("snapshot columns do not agree")
     index._blocks.update(zip(hashes.tolist(), map(table.__getitem__, ids.tolist()), strict=True))
-    for (device, host), count in zip(masks, np.bincount(ids, minlength=len(masks)).tolist(), strict=True):
-        for slot in _bits(device):
-            index._device_count[slot] += count
-        for slot in _bits(host):
-            index._host_count[slot] += count
+    for tiers, count in zip(masks, np.bincount(ids, minlength=len(masks)).tolist(), strict=True):
+        for counts, mask in zip(index._counts, tiers, strict=False):  # v2: no disk mask
+            for slot in _bits(mask):
+                counts[slot] += count
     for slot, h, expires_at in state["approx"]:
         index._approx_expiry[(slot, h)] = expires_at
         index._approx_heap.append((expires_at, slot, h))

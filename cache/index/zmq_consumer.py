@@ -12,7 +12,8 @@ Sequence tracking, per worker feed:
 * ``seq <= last``: the publisher restarted (its counter reset), so its cache is gone: purge as above.
   ``last`` survives a disconnect, so an engine that restarts and publishes from seq 0 again is seen.
 Where the engine has a replay socket (``WorkerFeed.replay_endpoint``: SGLang's and vLLM's ROUTER; request
-= the 8-byte big-endian start seq, replies ``(seq, payload)`` ending with seq -1), a gap or a mid-stream
+= the 8-byte big-endian start seq, replies ``(seq, payload)``, from vLLM 0.33 on ``(topic, seq, payload)``,
+ending with seq -1), a gap or a mid-stream
 join first asks it for the missed batches; only what the replay cannot cover (its buffer is bounded) is
 purged.
 
@@ -276,13 +277,15 @@ class KVEventConsumer:
                     logger.warning("worker %s: replay from seq %d timed out", self.feed.worker_id, start)
                     break
                 frames = await socket.recv_multipart()
-                if len(frames) != 3 or len(frames[1]) != 8:
+                # SGLang replies (delimiter, seq, payload); vLLM 0.33 adds the topic: (delimiter, topic,
+                # seq, payload)
+                if len(frames) not in (3, 4) or len(frames[-2]) != 8:
                     break
-                seq = int.from_bytes(frames[1], "big", signed=True)
+                seq = int.from_bytes(frames[-2], "big", signed=True)
                 if seq == _END_OF_REPLAY:
                     break
                 if start <= seq < before:
-                    batches.append((seq, frames[2]))
+                    batches.append((seq, frames[-1]))
         finally:
             socket.close(linger=0)
         self.stats.replayed += len(batches)

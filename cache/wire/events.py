@@ -3,10 +3,11 @@
 vLLM defines these as msgspec Structs with ``tag=True`` (the class name is the tag). Older vLLM and SGLang
 add ``array_like=True``, so each event is an array ``["BlockStored", block_hashes, parent_block_hash,
 token_ids, block_size, lora_id, medium, lora_name, ...]`` and a batch is ``[ts, events, data_parallel_rank]``;
-newer vLLM drops ``array_like`` and sends maps ``{"type": "BlockStored", "block_hashes": ...}`` and
-``{"ts": ..., "events": [...], "data_parallel_rank": ...}``. Decoders accept both; trailing fields may be
-missing (SGLang has no ``medium``; old vLLM no ``lora_name``) and unknown extra fields are ignored, as
-msgspec does. The encoder writes the array-like form, which every version decodes.
+newer vLLM (0.33) sends each event as a map ``{"type": "BlockStored", "block_hashes": ...}`` inside an
+array-like batch, and SGLang 0.5.23 sends maps for both. Decoders accept every mix; trailing fields may be
+missing (SGLang has no ``medium``; old vLLM no ``lora_name``) and unknown extra fields (vLLM's
+``group_idx``, ``session_id``, ...) are ignored, as msgspec does. The encoder writes the array-like form,
+which every version decodes.
 
 Block hashes: vLLM sends ints (``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES``), or bytes (sha256 digests) by
 default in newer versions, and very old versions sent signed Python ``hash()`` values. All are normalised to
@@ -47,6 +48,9 @@ class BlockStored:
     medium: str | None = None  # None or "GPU": device memory; "CPU": host memory (KV offloading)
     lora_name: str | None = None
     cache_salt: str | None = None  # SGLang (map encoding): the salt of the request that stored them
+    # vLLM: per block, what else its hash covers (LoRA name, (mm identifier, offset) pairs, the request's
+    # cache salt on a chain's first block, prompt-embeds digests); None where nothing else
+    extra_keys: list[list[Any] | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,7 @@ _FIELDS: dict[str, tuple[str, ...]] = {
         "lora_id",
         "medium",
         "lora_name",
+        "extra_keys",
     ),
     "BlockRemoved": ("block_hashes", "medium"),
     "AllBlocksCleared": (),
@@ -128,6 +133,7 @@ def decode_event(obj: Any) -> KVEvent | None:
                 medium=fields.get("medium"),
                 lora_name=fields.get("lora_name"),
                 cache_salt=salt if isinstance(salt := fields.get("cache_salt"), str) else None,
+                extra_keys=_extra_keys(fields.get("extra_keys"), len(fields["block_hashes"])),
             )
         if tag == "BlockRemoved":
             return BlockRemoved(
@@ -136,6 +142,17 @@ def decode_event(obj: Any) -> KVEvent | None:
     except (TypeError, ValueError) as exc:
         raise EventDecodeError(f"bad {tag}: {exc}") from exc
     return AllBlocksCleared()
+
+
+def _extra_keys(value: Any, blocks: int) -> list[list[Any] | None] | None:
+    """vLLM's per-block extra keys: None, or one array (or None) per block; anything else is malformed."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != blocks:
+        raise EventDecodeError("BlockStored.extra_keys must hold one entry per block")
+    if not all(keys is None or isinstance(keys, list | tuple) for keys in value):
+        raise EventDecodeError("BlockStored.extra_keys entries must be arrays or nil")
+    return [None if keys is None else list(keys) for keys in value]
 
 
 def decode_event_batch(payload: bytes) -> EventBatch:
@@ -171,6 +188,7 @@ def _event_to_array(event: KVEvent) -> list[Any]:
             event.lora_id,
             event.medium,
             event.lora_name,
+            *([] if event.extra_keys is None else [event.extra_keys]),
         ]
     if isinstance(event, BlockRemoved):
         return ["BlockRemoved", event.block_hashes, event.medium]
@@ -190,7 +208,7 @@ def encode_event_batch_map(batch: EventBatch) -> bytes:
     events: list[dict[str, Any]] = []
     for event in batch.events:
         values: Sequence[Any] = _event_to_array(event)
-        events.append({_TAG_FIELD: values[0], **dict(zip(_FIELDS[values[0]], values[1:], strict=True))})
+        events.append({_TAG_FIELD: values[0], **dict(zip(_FIELDS[values[0]], values[1:], strict=False))})
     body: dict[str, Any] = {"ts": batch.ts, "events": events}
     if batch.data_parallel_rank is not None:
         body["data_parallel_rank"] = batch.data_parallel_rank

@@ -4,11 +4,16 @@ Pure Python. The engine feeds it the rate of every large forward pass; the tiers
 measured bandwidths. Before a rate is known (a fresh engine), loading is assumed to pay: on every
 machine this engine targets a page copy is orders of magnitude cheaper than its recompute, and the
 first forward pass measures the rate.
+
+``per_token`` publishes the same figures (``GET /load_profile``), so the gateway weighs a lower-tier
+hit by what this engine will actually do with it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from cache.planning.load_profile import KVLoadCost
 
 
 @dataclass
@@ -31,6 +36,16 @@ class LoadCost:
         if disk_bytes and disk_bytes_per_s:
             seconds += disk_bytes / disk_bytes_per_s
         return seconds
+
+    def per_token(
+        self, bytes_per_token: float, copy_bytes_per_s: float | None, disk_bytes_per_s: float | None
+    ) -> KVLoadCost:
+        """Seconds per prompt token to load from each tier (as ``load_seconds`` adds them up) and to
+        recompute; None where a rate is not measured yet."""
+        host = bytes_per_token / copy_bytes_per_s if copy_bytes_per_s else None
+        disk = host + bytes_per_token / disk_bytes_per_s if host is not None and disk_bytes_per_s else None
+        prefill = 1 / self.prefill_tokens_per_s if self.prefill_tokens_per_s else None
+        return KVLoadCost(prefill, host, disk, self.min_load_tokens)
 
     def pays(self, num_tokens: int, load_seconds: float) -> bool:
         """All-or-nothing for one request's lower-tier prefix of ``num_tokens`` tokens."""

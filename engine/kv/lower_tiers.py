@@ -28,6 +28,7 @@ import logging
 from collections.abc import Callable
 from typing import Protocol
 
+from cache.planning.load_profile import KVLoadCost
 from cache.wire.tiers import MEDIUM_DISK, MEDIUM_HOST
 from engine.kv.disk_store import BadPageFile, DiskStore, PageHeader
 from engine.kv.load_cost import LoadCost
@@ -156,6 +157,14 @@ class LowerTiers:
                     return n
             at += count
         return None
+
+    def load_cost(self) -> KVLoadCost:
+        """What ``load_back`` weighs, per prompt token (for ``GET /load_profile``)."""
+        return self.cost.per_token(
+            self.mover.page_bytes / self.cache.page_size,
+            self.mover.copy_bytes_per_s,
+            self.disk.read_bytes_per_s if self.disk else None,
+        )
 
     # -- copies down ---------------------------------------------------------------------------------
     def _copy_to_host(self, node: Node) -> bool:

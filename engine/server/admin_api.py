@@ -7,6 +7,7 @@ SGLang's router registers a worker by probing ``/health`` and reading ``/server_
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -19,6 +20,9 @@ from cache.wire.hashing import HASH_SCHEME
 from engine.server.state import STATE, ServerState
 
 VERSION = "prefixgate-0.1.0"
+# Names this process: a worker restarted on the same URL answers a new one, which tells the gateway its
+# cache is gone (``/server_info`` and every ``/get_load`` entry carry it). Fixed for the process's life.
+INSTANCE_ID = uuid.uuid4().hex[:16]
 
 
 def add_routes(app: web.Application) -> None:
@@ -30,6 +34,7 @@ def add_routes(app: web.Application) -> None:
     for path in ("/get_model_info", "/model_info"):
         r.add_get(path, model_info)
     r.add_get("/get_load", get_load)
+    r.add_get("/load_profile", load_profile)
     r.add_route("GET", "/flush_cache", flush_cache)
     r.add_route("POST", "/flush_cache", flush_cache)
     for path in ("/tokenize", "/v1/tokenize"):
@@ -71,6 +76,7 @@ def load(state: ServerState) -> dict[str, Any]:
     stats = state.engine.stats
     return {
         "dp_rank": 0,
+        "instance_id": INSTANCE_ID,
         "num_reqs": stats.num_running + stats.num_waiting,
         "num_running_reqs": stats.num_running,
         "num_waiting_reqs": stats.num_waiting,
@@ -94,6 +100,7 @@ async def server_info(request: web.Request) -> web.Response:
             "context_length": info.max_model_len,
             "page_size": info.page_size,
             "max_total_tokens": info.num_pages * info.page_size,
+            "max_total_host_tokens": state.engine.stats.host_pages_total * info.page_size,
             "max_running_requests": info.max_running,
             "chunked_prefill_size": info.max_batch_tokens,
             "max_prefill_tokens": info.max_batch_tokens,
@@ -104,6 +111,10 @@ async def server_info(request: web.Request) -> web.Response:
             "kv_events_endpoint": settings.kv_events_endpoint,
             "kv_events_curve_public_key": state.publisher.curve_public_key if state.publisher else None,
             "kv_block_hash": HASH_SCHEME,
+            "instance_id": INSTANCE_ID,
+            # SGLang's name for the role ("null" = mixed); the gateway builds its P and D pools from it
+            "disaggregation_mode": "null" if settings.role == "mixed" else settings.role,
+            "kv_transfer": state.transfer is not None,
             "internal_states": [load(state)],
             "version": VERSION,
         }
@@ -128,6 +139,12 @@ async def model_info(request: web.Request) -> web.Response:
 
 async def get_load(request: web.Request) -> web.Response:
     return web.json_response([load(request.app[STATE])])
+
+
+async def load_profile(request: web.Request) -> web.Response:
+    """What this worker measured of its own speed (``cache.planning.load_profile``): the gateway sizes
+    prefill and decode pools from it (P:D advice)."""
+    return web.json_response(request.app[STATE].engine.stats.load_profile.to_json())
 
 
 async def flush_cache(request: web.Request) -> web.Response:

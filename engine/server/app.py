@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from cache.api.errors import error_middleware
+from cache.api.errors import make_error_middleware
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
@@ -74,7 +74,7 @@ def create_app(
 ) -> web.Application:
     """One app per engine at a time: its step loop owns the engine while the app runs. ``transfer``:
     a KV transfer service (built from ``settings.kv_transfer`` when that is set and this is None)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 2**20)
+    app = web.Application(middlewares=[make_error_middleware(log)], client_max_size=64 * 2**20)
     if transfer is None and settings.kv_transfer is not None:
         transfer = TransferService(engine, settings.kv_transfer)
     app[STATE] = ServerState(engine, settings, ServerMetrics(engine), publisher, transfer)
@@ -145,4 +145,5 @@ async def start_site(app: web.Application, host: str, port: int) -> tuple[web.Ap
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = runner.addresses[0][1]
+    app[STATE].bound_port = bound
     return runner, bound

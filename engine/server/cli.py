@@ -11,7 +11,8 @@ import asyncio
 import logging
 import signal
 
-from cache.api.flags import add_config_arguments, config_from_args
+from cache.api.flags import FlagError, add_config_arguments, config_from_args
+from cache.prompt.model_files import WeightLoadError, check_model_path
 from engine.config import TIERS, WRITE_POLICIES, EngineConfig
 from engine.models.quant_linear import WEIGHT_MODES
 from engine.server.app import create_app, load_engine, start_site
@@ -46,15 +47,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:  # inconsistent flags (a disk tier without the hierarchical cache, a remote KV-event endpoint...)
+    """Flags that cannot work (``FlagError``: one line, exit status 2): a ``--model`` that is not a
+    model (checked before the slow load), inconsistent flags (a disk tier without the hierarchical
+    cache, a remote KV-event endpoint...), a checkpoint the loader refuses."""
+    try:
+        check_model_path(args.model, weights=True)
+    except WeightLoadError as exc:
+        raise FlagError(f"--model: {exc}") from None
+    try:
         config = config_from_args(EngineConfig, args)
         transfer = None
-        if args.kv_transfer:
+        if args.kv_transfer or args.role != "mixed":  # a prefill or decode worker moves KV
             transfer = config_from_args(TransferConfig, args, import_buffer_mib=args.kv_transfer_buffer_mib)
         settings = config_from_args(ServerSettings, args, kv_transfer=transfer)
         engine, publisher = load_engine(config, settings)
     except ValueError as exc:
-        raise SystemExit(f"prefixgate engine: {exc}") from None
+        raise FlagError(str(exc)) from None
     return asyncio.run(_serve(create_app(engine, settings, publisher), settings))
 
 

@@ -12,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from cache.api.errors import ApiError, bad_request
 from cache.api.requests import GenerationRequest
@@ -26,12 +27,16 @@ def new_request_id(prefix: str) -> str:
 async def generate_chunks(
     state: ServerState, request_id: str, req: GenerationRequest, endpoint: str
 ) -> AsyncIterator[GenerationChunk]:
-    """Yield the request's chunks; the last one has ``finished`` set. Raises ``ApiError`` only."""
+    """Yield the request's chunks, every choice's (``chunk.index``) interleaved, until each choice has
+    had a ``finished`` one. Raises ``ApiError`` only."""
     metrics, tracker = state.metrics, state.tracker
     if state.draining:
         raise ApiError(503, "the engine is shutting down", code="shutting_down")
     tracker.add(request_id)
-    start = last = time.perf_counter()
+    start = time.perf_counter()
+    last: dict[int, float] = {}  # per choice: when it last gained tokens
+    completion: dict[int, int] = {}  # per choice: its tokens so far
+    done: set[int] = set()  # choices that finished
     final: GenerationChunk | None = None
     cancelled = False
     try:
@@ -46,20 +51,26 @@ async def generate_chunks(
             async for chunk in stream:
                 now = time.perf_counter()
                 if chunk.token_ids:
-                    if chunk.completion_tokens == len(chunk.token_ids):
+                    if not last:
                         metrics.time_to_first_token.observe(now - start)
-                    else:
-                        metrics.inter_token_latency.observe((now - last) / len(chunk.token_ids))
-                    last = now
-                final = chunk
+                    elif chunk.index in last:
+                        metrics.inter_token_latency.observe((now - last[chunk.index]) / len(chunk.token_ids))
+                    last[chunk.index] = now
+                completion[chunk.index] = chunk.completion_tokens
+                if chunk.finished:
+                    done.add(chunk.index)
+                final = replace(chunk, completion_tokens=sum(completion.values()))  # all choices'
                 yield chunk
         except asyncio.CancelledError:
             cancelled = True
             if not tracker.was_aborted(request_id):
                 raise  # the client went away: closing ``stream`` aborts the request
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            final = _aborted_chunk(request_id, req, final)
-            yield final
+            for index in range(req.sampling.n):  # every choice still running ends as aborted
+                if index not in done:
+                    chunk = _aborted_chunk(request_id, req, final, index, completion.get(index, 0))
+                    final = replace(chunk, completion_tokens=sum(completion.values()))
+                    yield chunk
         except GeneratorExit:  # the caller stopped early: done, or it went away mid-write
             cancelled = True
             raise
@@ -85,14 +96,8 @@ async def _fetch_prefix(state: ServerState, req: GenerationRequest) -> None:
     state.metrics.record_fetch(outcome)
 
 
-def _aborted_chunk(request_id: str, req: GenerationRequest, last: GenerationChunk | None) -> GenerationChunk:
-    return GenerationChunk(
-        request_id,
-        [],
-        "",
-        True,
-        "abort",
-        len(req.prompt_ids),
-        last.cached_tokens if last else 0,
-        last.completion_tokens if last else 0,
-    )
+def _aborted_chunk(
+    request_id: str, req: GenerationRequest, last: GenerationChunk | None, index: int, completion: int
+) -> GenerationChunk:
+    cached = last.cached_tokens if last else 0
+    return GenerationChunk(request_id, [], "", True, "abort", len(req.prompt_ids), cached, completion, index)

@@ -130,6 +130,18 @@ class ServerMetrics:
                 "Disk-tier capacity in pages (0 without a disk tier)",
                 "disk_pages_total",
             ),
+            "step_token_budget": (
+                "Tokens a step carrying the running decodes may hold (--itl-slo-ms; else the static cap)",
+                "step_token_budget",
+            ),
+            "step_time_fixed_seconds": (
+                "Learned step time t = fixed + per_token * tokens: the fixed part (0 until fitted)",
+                "step_time_fixed_s",
+            ),
+            "step_time_per_token_seconds": (
+                "Learned step time t = fixed + per_token * tokens: each token's part (0 until fitted)",
+                "step_time_per_token_s",
+            ),
         }
         for name, (doc, stat) in gauges.items():
             Gauge(f"{p}_{name}", doc, registry=r).set_function(

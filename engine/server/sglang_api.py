@@ -4,7 +4,9 @@
 ``{"text", "output_ids", "meta_info": {"id", "finish_reason": {"type": ...}, "prompt_tokens",
 "completion_tokens", "cached_tokens", "e2e_latency"}}``. Streamed chunks carry the text and ids so
 far (cumulative, as SGLang's default), then ``data: [DONE]``; an engine failure mid-stream sends
-``data: {"error": {...}}`` before ``[DONE]``, as SGLang does.
+``data: {"error": {...}}`` before ``[DONE]``, as SGLang does. With ``return_logprob`` (and
+``top_logprobs_num``) ``meta_info`` adds ``output_token_logprobs`` and ``output_top_logprobs``, also
+cumulative. One choice per request: ``n > 1`` is an OpenAI-route feature here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from cache.api import sse
 from cache.api.errors import ApiError, bad_request
 from cache.api.requests import GenerationRequest, get_bool, parse_request, read_json
 from engine.async_engine import GenerationChunk
+from engine.sampling import TokenLogprobs
+from engine.server.choices import TokenTexts
 from engine.server.generation import generate_chunks, new_request_id
 from engine.server.state import STATE, ServerState
 
@@ -49,6 +53,8 @@ def _output(
     text: str,
     ids: list[int],
     start: float,
+    logprobs: list[TokenLogprobs] | None = None,
+    texts: TokenTexts | None = None,
 ) -> dict[str, Any]:
     meta = {
         "id": rid,
@@ -58,32 +64,63 @@ def _output(
         "cached_tokens": chunk.cached_tokens,
         "e2e_latency": time.perf_counter() - start,
     }
+    if logprobs is not None:
+        meta.update(_logprobs(ids, logprobs, texts))
     return {"text": text, "output_ids": list(ids), "meta_info": meta}
+
+
+def _logprobs(ids: list[int], logprobs: list[TokenLogprobs], texts: TokenTexts | None) -> dict[str, Any]:
+    """SGLang's ``return_logprob`` fields: ``[logprob, token id, text or None]`` per output token and
+    per top token (text with ``return_text_in_logprobs``). Prompt logprobs are not computed."""
+
+    def entry(logprob: float, token: int) -> list[Any]:
+        return [logprob, token, texts(token) if texts else None]
+
+    return {
+        "input_token_logprobs": [],
+        "input_top_logprobs": [],
+        "output_token_logprobs": [entry(lp.logprob, t) for t, lp in zip(ids, logprobs, strict=True)],
+        "output_top_logprobs": [[entry(v, i) for i, v in lp.top] for lp in logprobs],
+    }
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     start = time.perf_counter()
-    req = parse_request("generate", await read_json(request), state.tokenizer, state.info.limits)
+    body = await read_json(request)
+    req = parse_request("generate", body, state.tokenizer, state.info.limits)
     rid = req.rid or new_request_id("")
+    # return_logprob: the log-probabilities so far, cumulative like the text
+    logprobs: list[TokenLogprobs] | None = [] if req.sampling.logprobs is not None else None
+    texts = TokenTexts(state.tokenizer) if get_bool(body, "return_text_in_logprobs") else None
+
+    def output(chunk: GenerationChunk) -> dict[str, Any]:
+        return _output(state, rid, req, chunk, text, ids, start, logprobs, texts)
+
     async with aclosing(generate_chunks(state, rid, req, "generate")) as chunks:
         chunk = await anext(chunks)  # errors before the first token are plain HTTP errors
         text, ids = chunk.text, list(chunk.token_ids)
+        if logprobs is not None:
+            logprobs.extend(chunk.logprobs or [])
         if not req.stream:
             async for chunk in chunks:
                 text += chunk.text
                 ids.extend(chunk.token_ids)
-            return web.json_response(_output(state, rid, req, chunk, text, ids, start))
+                if logprobs is not None:
+                    logprobs.extend(chunk.logprobs or [])
+            return web.json_response(output(chunk))
         response = await sse.open_stream(request)
         try:
             while True:
                 if chunk.text or chunk.finished:
-                    await sse.send_event(response, _output(state, rid, req, chunk, text, ids, start))
+                    await sse.send_event(response, output(chunk))
                 if chunk.finished:
                     break
                 chunk = await anext(chunks)
                 text += chunk.text
                 ids.extend(chunk.token_ids)
+                if logprobs is not None:
+                    logprobs.extend(chunk.logprobs or [])
         except ApiError as exc:
             await sse.send_error_and_done(response, exc)
             return response

@@ -26,6 +26,9 @@ def _flag(default: Any, help: str, **more: Any) -> Any:
     return field(default=default, metadata={"help": help, **more})
 
 
+ROLES = ("mixed", "prefill", "decode")
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """Fields with ``help`` are ``prefixgate engine`` flags (``cache.api.flags``)."""
@@ -55,6 +58,12 @@ class ServerSettings:
         flag="--kv-events-curve-clients",
         metavar="DIR",
     )
+    role: str = _flag(
+        "mixed",
+        "prefill/decode disaggregation: a prefill worker prefills prompts for decode workers, which pull "
+        "the KV and decode; both need --kv-transfer (implied); mixed does both",
+        choices=ROLES,
+    )
     shutdown_grace_s: float = _flag(
         30.0, "how long in-flight requests may run after SIGTERM", flag="--shutdown-grace", metavar="SECONDS"
     )
@@ -73,10 +82,20 @@ class ServerState:
     started: float = field(default_factory=time.time)
     ready: bool = False  # the step loop runs
     draining: bool = False  # shutting down: new requests get 503
+    bound_port: int | None = None  # the port the server listens on (``--port 0`` picks one)
 
     @property
     def info(self) -> EngineInfo:
         return self.engine.info
+
+    @property
+    def advertised_address(self) -> tuple[str, int]:
+        """Where peers reach this server's HTTP routes (the KV transfer control channel): its bind
+        address, or the transfer engine's when it binds every interface."""
+        host = self.settings.host
+        if host in ("", "0.0.0.0", "::") and self.transfer is not None:
+            host = self.transfer.config.host
+        return host, self.bound_port or self.settings.port
 
     @property
     def tokenizer(self) -> Tokenizer:

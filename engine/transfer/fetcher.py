@@ -88,6 +88,14 @@ class Fetcher:
         self._namespace_hash = cache.namespace_hash
         self._background: set[asyncio.Task] = set()
 
+    def fetchable_hashes(self, prompt_ids: Sequence[int], cache_salt: str) -> list[int]:
+        """The chained hashes of the prompt's pages a reader would fetch (every full page but one that
+        holds the prompt's last token), in ``cache_salt``'s namespace: what a plan for it names."""
+        ps = self.layout.page_size
+        tokens = list(prompt_ids[: (len(prompt_ids) - 1) // ps * ps])
+        seed = self._namespace_hash(cache_salt) if cache_salt and self._namespace_hash else None
+        return self._hasher(seed, tokens) if tokens else []
+
     async def fetch(self, plan: FetchPlan, prompt_ids: Sequence[int], cache_salt: str) -> FetchOutcome:
         start = time.perf_counter()
         job = _Job(plan, list(prompt_ids), cache_salt)
@@ -133,8 +141,9 @@ class Fetcher:
         # At least one prompt token is always computed, so never more than (len - 1) // ps pages.
         wanted = min(plan.planned_prefix_blocks, (len(job.prompt_ids) - 1) // ps)
         tokens = job.prompt_ids[: wanted * ps]
-        seed = self._namespace_hash(job.cache_salt) if job.cache_salt and self._namespace_hash else None
-        if wanted == 0 or self._hasher(seed, tokens) != list(plan.block_hashes[:wanted]):
+        if wanted == 0 or self.fetchable_hashes(job.prompt_ids, job.cache_salt)[:wanted] != list(
+            plan.block_hashes[:wanted]
+        ):
             raise FetchFailed("plan_mismatch", "the plan's block hashes are not this prompt's")
         held = await self.engine.call(lambda engine: pages.held_blocks(engine, tokens, job.cache_salt))
         if held >= wanted:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +66,25 @@ class TransferService:
 
     async def fetch(self, plan: FetchPlan, prompt_ids: Sequence[int], cache_salt: str) -> FetchOutcome:
         return await self.fetcher.fetch(plan, prompt_ids, cache_salt)
+
+    def remote_prefill_params(
+        self, prompt_ids: Sequence[int], cache_salt: str, request_id: str, host: str, port: int
+    ) -> dict[str, Any]:
+        """This engine prefilled a prompt for another to decode (disaggregation): the
+        ``kv_transfer_params`` its answer carries, in vLLM's shape, for the decode side's request. They
+        name this engine's control channel (``host:port``, its HTTP server) and the prompt's blocks by
+        chained hash; the decode side turns them into a fetch plan and pulls what it lacks."""
+        return {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": self.transport.segment,
+            "remote_request_id": request_id,
+            "remote_block_ids": self.fetcher.fetchable_hashes(prompt_ids, cache_salt),
+            "remote_host": host,
+            "remote_port": port,
+            "expires_at_ms": int((time.time() + self.config.lease_ttl_s) * 1000),
+            "tp_size": 1,
+        }
 
     def info(self) -> dict[str, Any]:
         """What ``GET /kv_transfer/info`` shows: the layout, the transport, and what is held now."""

@@ -136,6 +136,8 @@ function lineChart(svg, lines, { tMax, span, yMax, yFmt }) {
       "no requests finished in this span"));
   }
   svg.dataset.points = String(drawn);
+  const last = lines.length ? lines[0].points.findLast((p) => p[1] != null) : null;
+  svg.dataset.last = last ? String(last[1]) : ""; // the first line's latest value, as the page shows it
 }
 const css = (name) => getComputedStyle(document.documentElement).getPropertyValue(name).trim();
 
@@ -202,12 +204,22 @@ function renderCharts(stats) {
   }
 }
 
+// One bar per tier, filled to the share of that tier's capacity on this worker the index says is used:
+// never scaled to the busiest worker, where a small worker full to the brim would look near empty. A tier
+// whose capacity the worker does not report (a plain OpenAI upstream) draws no bar; the columns count.
+function tierBar(tier, blocks, capacity) {
+  if (!capacity) return null;
+  const share = Math.min(1, blocks / capacity);
+  return el("div", { class: `tierbar ${tier}`, "data-tier": tier, "data-value": share,
+    title: `${tier}: ${fmtInt(blocks)} of ${fmtInt(capacity)} blocks (${fmtPct(blocks / capacity)})` },
+    el("span", { style: `width:${100 * share}%` }));
+}
+
 function renderWorkers(stats) {
-  const maxBlocks = Math.max(1, ...stats.workers.map((w) => w.index_device_blocks + w.index_host_blocks));
   const rows = stats.workers.map((w) => {
-    const dev = (100 * w.index_device_blocks) / maxBlocks, host = (100 * w.index_host_blocks) / maxBlocks;
-    const bar = el("div", { class: "tierbar", title: "device | host" },
-      el("span", { style: `width:${dev}%` }), el("span", { style: `width:${host}%` }));
+    const bars = [tierBar("device", w.index_device_blocks, w.device_capacity_blocks),
+      tierBar("host", w.index_host_blocks, w.host_capacity_blocks)].filter(Boolean);
+    const bar = bars.length ? el("div", {}, ...bars) : el("span", { class: "muted" }, "capacity not reported");
     return el("tr", { "data-worker": w.id },
       td(shortWorker(w.id)), td(w.kind),
       el("td", {}, el("span", { class: `dot${w.available ? " up" : ""}` }), w.available ? "up" : "down"),
@@ -239,6 +251,46 @@ function renderRouting(stats) {
   }
   if (!out.length) out.push(el("div", { class: "muted" }, "no decisions yet"));
   document.getElementById("routing").replaceChildren(...out);
+}
+
+// Prompt tokens the index predicted cached for routed requests, by the fastest tier holding them on the
+// chosen worker: a host or disk hit is loaded back to the device rather than recomputed (gateway/metrics.py).
+function renderTierHits(stats) {
+  const cluster = clusterScope(stats);
+  const byTier = (cluster ? stats.cluster.totals : stats.totals).predicted_cached_tokens_by_tier || {};
+  const total = Object.values(byTier).reduce((a, n) => a + n, 0);
+  document.getElementById("tier-hits-scope").textContent =
+    `${cluster ? "cluster" : "this replica"} · predicted cached tokens`;
+  const rows = ["device", "host", "disk"].map((tier) => {
+    const n = byTier[tier] || 0;
+    return el("div", { class: "bar", "data-tier": tier, "data-value": n },
+      el("span", {}, tier),
+      el("div", { class: "track" }, el("div", { class: `fill ${tier}`, style: `width:${total ? (100 * n) / total : 0}%` })),
+      el("span", { class: "count" }, `${fmtCompact(n)} · ${total ? fmtPct(n / total) : "–"}`));
+  });
+  document.getElementById("tier-hits").replaceChildren(...rows);
+}
+
+// P:D advice (gateway/pd_advisor.py): prefill + decode workers, or mixed ones, against what serves now.
+function renderPdAdvice(stats) {
+  const advice = stats.pd_advice;
+  if (!advice) return;
+  const w = advice.workload, slo = advice.slo;
+  const targets = `TTFT ≤ ${fmtDur(slo.ttft_ms / 1000)}, ITL ≤ ${fmtDur(slo.itl_ms / 1000)}`;
+  document.getElementById("pd-advice-sub").textContent = w
+    ? `${targets} · ${w.request_rate.toFixed(2)} req/s, ${fmtInt(w.mean_prefill_tokens)} uncached prompt + ` +
+      `${fmtInt(w.mean_output_tokens)} output tokens each`
+    : targets;
+  const rows = ["prefill", "decode", "mixed"].map((role) =>
+    el("tr", { "data-role": role, "data-value": advice.needed[role] ?? "" },
+      td(role === "mixed" ? "or mixed" : role), td(advice.needed[role] == null ? "–" : fmtInt(advice.needed[role]), "num"),
+      td(fmtInt(advice.deployed[role]), "num")));
+  document.querySelector("#pd-advice tbody").replaceChildren(...rows);
+  const decided = advice.needed.prefill != null;
+  const verdict = decided ? (advice.disaggregation_pays ? "disaggregation pays: " : "disaggregation does not pay: ") : "";
+  const node = document.getElementById("pd-advice-reason");
+  node.textContent = verdict + advice.reason;
+  node.dataset.pays = String(advice.disaggregation_pays);
 }
 
 function renderReplicas(stats) {
@@ -276,6 +328,8 @@ function render() {
   renderCharts(stats);
   renderWorkers(stats);
   renderRouting(stats);
+  renderTierHits(stats);
+  renderPdAdvice(stats);
   renderReplicas(stats);
   renderRecent(stats);
 }

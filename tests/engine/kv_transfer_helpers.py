@@ -90,9 +90,14 @@ class Loop:
 
 
 def start_server(
-    loop: Loop, model_path: str, loaded: Any, transfer: TransferConfig, gated: bool = False
+    loop: Loop,
+    model_path: str,
+    loaded: Any,
+    transfer: TransferConfig,
+    gated: bool = False,
+    role: str = "mixed",
 ) -> Server:
-    settings = ServerSettings(port=0, shutdown_grace_s=5.0, kv_transfer=transfer)
+    settings = ServerSettings(port=0, shutdown_grace_s=5.0, kv_transfer=transfer, role=role)
     config = EngineConfig(model=model_path, dtype="float32", kv_cache_tokens=KV_CACHE_TOKENS)
 
     async def start() -> Server:

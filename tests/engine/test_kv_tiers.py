@@ -17,7 +17,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cache.wire.tiers import MEDIUM_DEVICE, MEDIUM_DISK, MEDIUM_HOST
+from cache.index.radix_index import RadixIndex
+from cache.wire.tiers import MEDIUM_DEVICE, MEDIUM_DISK, MEDIUM_HOST, Tier, tier_from_medium
 from engine.kv.disk_store import SUFFIX, DiskStore
 from engine.kv.load_cost import LoadCost
 from engine.kv.lower_tiers import LowerTiers
@@ -75,11 +76,13 @@ class FakeMover:
 
 
 class TierMirror:
-    """What an indexer learns from the events, per medium: the block hashes each tier holds."""
+    """What an indexer learns from the events, per medium: the block hashes each tier holds; and the
+    gateway's own index fed the same events (``index``, this engine as worker "w")."""
 
     def __init__(self) -> None:
         self.tiers: dict[str, set[int]] = {MEDIUM_DEVICE: set(), MEDIUM_HOST: set(), MEDIUM_DISK: set()}
         self.log: list[tuple[str, str, tuple[int, ...]]] = []
+        self.index = RadixIndex()
 
     def stored(
         self, parent_hash: int | None, hashes: list[int], token_ids: list[int], medium: str | None
@@ -91,15 +94,18 @@ class TierMirror:
         assert self.tiers[medium].isdisjoint(hashes), f"stored twice in {medium}"
         self.tiers[medium].update(hashes)
         self.log.append(("stored", medium, tuple(hashes)))
+        self.index.stored("w", parent_hash, hashes, tier_from_medium(medium))
 
     def removed(self, hashes: list[int], medium: str | None) -> None:
         assert medium in self.tiers and self.tiers[medium].issuperset(hashes), "removed what it lacks"
         self.tiers[medium].difference_update(hashes)
         self.log.append(("removed", medium, tuple(hashes)))
+        self.index.removed("w", hashes, tier_from_medium(medium))
 
     def cleared(self) -> None:
         for held in self.tiers.values():
             held.clear()
+        self.index.cleared("w")
 
     def check(self, cache: PrefixCache) -> None:
         """The mirror equals the tree's tiers; page ownership in the lower tiers is exact."""
@@ -119,6 +125,15 @@ class TierMirror:
                 truth[MEDIUM_DISK].update(node.hashes)
             assert node.pinned == 0
         assert self.tiers == truth
+        # The gateway's index keeps every tier apart: no removal from one tier lost a block another holds.
+        masks = list(self.index.tier_masks())
+        for medium, tier in (
+            (MEDIUM_DEVICE, Tier.DEVICE),
+            (MEDIUM_HOST, Tier.HOST),
+            (MEDIUM_DISK, Tier.DISK),
+        ):
+            assert {h for h, *by_tier in masks if by_tier[tier]} == truth[medium], medium
+        assert len(masks) == len(set().union(*truth.values()))
         lower = cache.lower
         assert lower is not None
         assert len(host_pages) == len(set(host_pages)) == lower.host_pool.num_used

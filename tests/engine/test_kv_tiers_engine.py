@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from cache.api.sampling import SamplingParams
-from cache.wire.tiers import MEDIUM_DISK, MEDIUM_HOST
+from cache.planning.load_profile import LoadProfile
+from cache.wire.tiers import MEDIUM_DISK, MEDIUM_HOST, Tier
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.kv.disk_store import SUFFIX
@@ -48,7 +49,11 @@ def test_outputs_are_identical_from_every_tier(smollm2_model, smollm2_gguf_path,
     rng = random.Random(0)
     vocab = engine.model.config.vocab_size
     prompt = [rng.randrange(100, vocab) for _ in range(400)]
+    assert engine.stats().load_profile.kv_load.prefill_s_per_token is None  # nothing computed yet
     cold = generate(engine, "cold", prompt)
+    measured = engine.stats().load_profile.kv_load  # what GET /load_profile shows the gateway
+    assert measured.prefill_s_per_token and measured.host_s_per_token and measured.disk_s_per_token is None
+    assert 0 <= measured.saved_fraction(Tier.HOST) <= 1
     device = generate(engine, "device", prompt)
     assert device.num_cached_prompt >= 384 and device.output_ids == cold.output_ids
     for i in range(3):  # 3 x 400 tokens through a 1,024-token pool: the prompt is demoted to host
@@ -60,6 +65,8 @@ def test_outputs_are_identical_from_every_tier(smollm2_model, smollm2_gguf_path,
     restarted = tiered_engine(smollm2_model, smollm2_gguf_path, tmp_path)
     disk = generate(restarted, "disk", prompt)
     assert restarted.lower.loaded_tokens[MEDIUM_DISK] > 0 and disk.num_cached_prompt >= 384
+    profile = LoadProfile.from_json(restarted.stats().load_profile.to_json())
+    assert profile is not None and profile.kv_load.disk_s_per_token  # measured by reading the page files
     assert disk.output_ids == cold.output_ids
 
     for page_file in tmp_path.glob(f"*{SUFFIX}"):  # every page file damaged

@@ -17,9 +17,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis
+from aiohttp.test_utils import TestServer
 
+from cache.index.ops import StoredOp
+from gateway.launcher import free_port
 from gateway.state import STATE
 from tests.gateway.test_routing_e2e import TOPICS, system_prompt
+from tests.gateway.test_workers import EngineStandIn
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -148,8 +152,9 @@ async def test_dashboard_follows_live_traffic_and_agrees_with_stats(two_workers,
             flowing.cancel()
         assert len(set(seen)) >= 2, f"the request count on the page never moved: {seen}"
 
-        # Traffic has stopped: the next complete poll shows exactly what /stats says.
-        await wait_polls(page, await polls(page) + 2)
+        # Traffic has stopped: the next complete poll shows exactly what /stats says (three polls: the
+        # gateway's once-a-second sample for the charts has counted the last request too).
+        await wait_polls(page, await polls(page) + 3)
         stats = await get_stats(s, base)
         totals = stats["totals"]
         assert totals["requests"] == 24 == int(await shown(page, "kpi-requests"))
@@ -163,6 +168,10 @@ async def test_dashboard_follows_live_traffic_and_agrees_with_stats(two_workers,
         ]:
             assert float(await shown(page, element_id)) == pytest.approx(totals[key]), element_id
         assert totals["hit_rate_actual"] > 0.3  # three prompts, 24 requests: most of them hit
+        # The hit-rate chart is over the same requests as its card: its latest point is the card's figure.
+        assert float(await page.get_attribute("#chart-hit", "data-last")) == pytest.approx(
+            totals["hit_rate_actual"]
+        )
         assert await page.inner_text("#kpi-hit-actual") == f"{100 * totals['hit_rate_actual']:.1f}%"
         assert totals["tpot_p50_s"] is not None and "ms" in await page.inner_text("#kpi-tpot")
         basis = f"over the last {totals['ttft_samples']} streamed requests"  # exact, and says over what
@@ -175,6 +184,12 @@ async def test_dashboard_follows_live_traffic_and_agrees_with_stats(two_workers,
             row = page.locator(f'#workers tbody tr[data-worker="{w["id"]}"]')
             assert (await row.locator("td").nth(5).inner_text()) == str(w["routed"])
             assert (await row.locator("td").nth(6).inner_text()) == f"{w['index_device_blocks']:,}"
+            assert w["kind"] == "prefixgate" and w["instance_id"]  # each process names itself
+            share = min(1.0, w["index_device_blocks"] / w["device_capacity_blocks"])  # of its own pool
+            bar = row.locator('[data-tier="device"]')
+            assert float(await bar.get_attribute("data-value")) == pytest.approx(share)
+            assert await row.locator('[data-tier="host"]').count() == 0  # no host tier: no bar
+        assert len({w["instance_id"] for w in stats["workers"]}) == 2
         for decision, count in totals["routing"].items():
             bar = page.locator(f'#routing [data-decision="{decision}"]')
             assert await bar.get_attribute("data-value") == str(count)
@@ -245,3 +260,43 @@ async def test_two_replicas_sharing_redis_show_cluster_figures(two_workers, gate
         keys = list(client.scan_iter(match=prefix + "*"))
         if keys:
             client.delete(*keys)
+
+
+async def test_cache_bars_are_scaled_to_each_workers_capacity_and_an_unreachable_worker_says_so(
+    gateway, browser
+) -> None:
+    """A small worker full to the brim must look full next to a big one that holds ten times more (bars
+    once scaled to the busiest worker showed it a tenth full); a worker that never answered is shown as
+    unreachable, not as an OpenAI upstream."""
+    small, big = (
+        EngineStandIn("small", capacity_tokens=64 * 16),
+        EngineStandIn("big", capacity_tokens=6400 * 16),
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        urls = []
+        for standin in (small, big):
+            server = await stack.enter_async_context(TestServer(standin.app(), host="127.0.0.1"))
+            urls.append(str(server.make_url("")).rstrip("/"))
+        nowhere = f"http://127.0.0.1:{free_port()}"
+        base, app = await stack.enter_async_context(gateway([*urls, nowhere]))
+        state = app[STATE]
+        await state.store.append(StoredOp(urls[0], None, list(range(1, 65))))  # all 64 of its blocks
+        await state.store.append(StoredOp(urls[1], None, list(range(100, 740))))  # 640 of 6,400
+        s = await stack.enter_async_context(aiohttp.ClientSession())
+        stats = {w["id"]: w for w in (await get_stats(s, base))["workers"]}
+        assert stats[nowhere]["kind"] == "unreachable" and not stats[nowhere]["available"]
+        assert stats[urls[0]]["device_capacity_blocks"] == 64 and stats[urls[1]]["index_device_blocks"] == 640
+
+        page = await stack.enter_async_context(open_dashboard(browser, base))
+        await wait_polls(page, 2)
+
+        async def device_share(url: str) -> float:
+            bar = page.locator(f'#workers tbody tr[data-worker="{url}"] [data-tier="device"]')
+            return float(await bar.get_attribute("data-value"))
+
+        assert await device_share(urls[0]) == 1.0
+        assert await device_share(urls[1]) == pytest.approx(0.1)
+        row = page.locator(f'#workers tbody tr[data-worker="{nowhere}"]')
+        assert await row.locator("td").nth(1).inner_text() == "unreachable"
+        assert await row.locator("td").nth(2).inner_text() == "down"
+        assert "capacity not reported" in await row.locator("td").nth(8).inner_text()

@@ -157,7 +157,7 @@ async def test_two_replicas_sum_into_the_cluster_figures() -> None:
     assert a.cluster["totals"]["requests"] == 4  # its history stays in the sums
 
 
-async def test_history_samples_are_windowed_and_served_since_a_time() -> None:
+async def test_history_samples_have_windowed_rates_and_are_served_since_a_time() -> None:
     clock, metrics = Clock(), GatewayMetrics(50)
     dash = Dashboard(metrics, LocalSharedState(), "solo", shared=False, in_flight=lambda: 3, clock=clock)
     await dash.tick()
@@ -231,3 +231,30 @@ async def test_one_replicas_percentiles_are_exact_and_count_only_requests_that_h
     assert sample["ttft_p99_s"] == summary["ttft_p99_s"] == 0.101
     assert sample["ttft_p50_s"] == 0.020
     assert summary["ttft_samples"] == 3 and summary["latency_window"] == 4
+
+
+async def test_the_hit_rate_chart_and_its_cards_are_over_the_same_requests() -> None:
+    """The chart's latest point is the card's figure, on this replica and for the cluster, even when the
+    requests span more than a window and the shared counters held history before this replica started
+    reading them (a windowed chart showed 88.9% next to a 66.7% card over the same requests)."""
+    store, clock = LocalSharedState(), Clock()
+    await store.incr("dash|cluster|requests", 1)  # an earlier replica's cold request, long ago
+    await store.incr("dash|cluster|prompt_tokens", 100)
+    await store.incr("dash|cluster|reported_prompt_tokens", 100)
+    metrics = GatewayMetrics(50)
+    dash = Dashboard(metrics, store, "a", shared=True, in_flight=lambda: 0, clock=clock)
+    record(metrics, prompt=100, cached=0, predicted=0)  # cold
+    await dash.tick()
+    for _ in range(12):  # past the 10 s window: then only hits
+        clock.now += 1
+        record(metrics, prompt=100, cached=90, predicted=90)
+        await dash.tick()
+    sample, card = dash.history[-1], metrics.summary()
+    assert sample["hit_rate_actual"] == pytest.approx(card["hit_rate_actual"]) == pytest.approx(1080 / 1300)
+    assert sample["hit_rate_predicted"] == pytest.approx(card["hit_rate_predicted"])
+    assert dash.cluster is not None
+    cluster_card = dash.cluster["totals"]
+    assert sample["cluster"]["hit_rate_actual"] == pytest.approx(cluster_card["hit_rate_actual"])
+    assert cluster_card["hit_rate_actual"] == pytest.approx(1080 / 1400)  # with the earlier request
+    assert sample["cluster"]["hit_rate_predicted"] == pytest.approx(cluster_card["hit_rate_predicted"])
+    assert sample["requests_per_s"] == pytest.approx(1.0)  # throughput stays windowed

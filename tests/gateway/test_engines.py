@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import sglang
 import sglang.srt.disaggregation.kv_events as sglang_events
 
 from gateway.engines import EngineLaunch, parse_gpu_groups, plan
+from tests.cache.index import vllm_kv_events as vllm
 
 SGLANG_SERVER_ARGS = Path(sglang.__file__).parent / "srt" / "server_args.py"
 
@@ -67,6 +69,36 @@ def test_vllm_command_lines() -> None:
     }
     assert launch.command[-2:] == ["--tensor-parallel-size", "2"]
     assert launch.env == {"CUDA_VISIBLE_DEVICES": "3,4"}
+    kv = vllm.load()
+    if kv is None:
+        return  # vLLM (installed --no-deps by scripts/setup.sh) checks the rest
+    # every flag is one of vLLM's argument dataclasses, and the events config one its KVEventsConfig takes
+    assert {a for a in launch.command[3:] if a.startswith("--")} <= vllm_flags()
+    parsed = kv.KVEventsConfig(**config)  # a pydantic dataclass that forbids unknown fields, as in vLLM
+    assert (parsed.enable_kv_cache_events, parsed.publisher, parsed.endpoint) == (
+        True,
+        "zmq",
+        "tcp://127.0.0.1:8001",
+    )
+
+
+def vllm_flags() -> set[str]:
+    """The flags of vLLM's ``EngineArgs`` and ``FrontendArgs`` (its CLI makes one per dataclass field),
+    read from their source: importing them needs vLLM's full dependency set."""
+    root = Path(importlib.util.find_spec("vllm").submodule_search_locations[0])  # type: ignore[union-attr]
+    flags = set()
+    for path, classes in (
+        (root / "engine" / "arg_utils.py", {"EngineArgs"}),
+        (root / "entrypoints" / "common" / "cli_args.py", {"BaseFrontendArgs", "FrontendArgs"}),
+    ):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name in classes:
+                flags |= {
+                    "--" + field.target.id.replace("_", "-")
+                    for field in node.body
+                    if isinstance(field, ast.AnnAssign) and isinstance(field.target, ast.Name)
+                }
+    return flags
 
 
 def test_gpu_groups() -> None:

@@ -1,4 +1,5 @@
-"""``prefixgate gateway --procs N``: N processes on one port, sharing state through Redis."""
+"""``prefixgate gateway --procs N``: N processes on one port, sharing state through Redis (the shared one,
+or a Redis Cluster of the test's own)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -15,7 +17,7 @@ import pytest
 
 from gateway import cli
 from gateway.launcher import free_port
-from tests.cache.index.redis_util import SHARED_URL, delete_prefix, shared_redis_available, unique_prefix
+from tests.cache.index.redis_util import delete_prefix, redis_url_for, unique_prefix
 
 
 def test_more_than_one_process_without_redis_is_refused(caplog: pytest.LogCaptureFixture) -> None:
@@ -32,12 +34,17 @@ def stats(port: int) -> dict | None:
         return None
 
 
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with redis_url_for(request.param, tmp_path) as url:
+        yield url
+
+
 @pytest.mark.slow  # starts gateway processes
-@pytest.mark.skipif(not shared_redis_available(), reason="needs Redis at " + SHARED_URL)
-def test_two_processes_serve_one_port_and_stop_together() -> None:
+def test_two_processes_serve_one_port_and_stop_together(redis_url: str) -> None:
     port, prefix = free_port(), unique_prefix()
     cmd = [sys.executable, "-m", "gateway.cli", "gateway", "--procs", "2", "--port", str(port)]
-    cmd += ["--redis", SHARED_URL, "--redis-key-prefix", prefix, "--worker", "http://127.0.0.1:1"]
+    cmd += ["--redis", redis_url, "--redis-key-prefix", prefix, "--worker", "http://127.0.0.1:1"]
     parent = subprocess.Popen(cmd, start_new_session=True)
     try:
         replicas: set[str] = set()
@@ -53,12 +60,14 @@ def test_two_processes_serve_one_port_and_stop_together() -> None:
         children = [
             int(p) for p in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
         ]
-        assert len(children) >= 2
+        # besides the gateways, multiprocessing's resource tracker (it exits once the parent has gone)
+        gateways = [pid for pid in children if b"resource_tracker" not in _cmdline(pid)]
+        assert len(gateways) == 2
     finally:
         parent.send_signal(signal.SIGTERM)
         assert parent.wait(timeout=60) == 0
-        delete_prefix(SHARED_URL, prefix)
-    for pid in children:  # the parent joined them before it exited
+        delete_prefix(redis_url, prefix)
+    for pid in gateways:  # the parent joined them before it exited
         assert not _alive(pid)
 
 
@@ -68,3 +77,10 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""

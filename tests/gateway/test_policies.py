@@ -7,6 +7,8 @@ import random
 import pytest
 
 from cache.index.radix_index import MatchResult
+from cache.planning.load_profile import KVLoadCost, LoadProfile
+from cache.wire.tiers import Tier
 from gateway.config import RoutingConfig
 from gateway.policies import CacheAware, LeastLoad, PowerOfTwo, RoundRobin, RouteRequest, Session, make_policy
 from gateway.workers import Worker
@@ -19,8 +21,8 @@ def workers(*loads: int) -> list[Worker]:
     ]
 
 
-def hit(blocks: int, host: int = 0) -> MatchResult:
-    return MatchResult(blocks=blocks + host, device_blocks=blocks, host_blocks=host)
+def hit(blocks: int, host: int = 0, disk: int = 0) -> MatchResult:
+    return MatchResult(blocks=blocks + host + disk, device_blocks=blocks, host_blocks=host, disk_blocks=disk)
 
 
 def test_round_robin_cycles() -> None:
@@ -61,6 +63,47 @@ def test_cache_aware_host_tier_counts_partly() -> None:
     pool = workers(0, 0)
     request = RouteRequest(1000, {"w0": hit(0, host=40), "w1": hit(20)})  # 640 host vs 320 device tokens
     assert CacheAware(config).choose(request, pool).worker.worker_id == "w1"  # 160 effective < 320
+
+
+def test_lower_tier_hits_weigh_what_the_worker_measured_loading_saves() -> None:
+    config = RoutingConfig(host_tier_weight=0.25, load_cost_tokens=0)
+    pool = workers(0, 0)
+    # Loading from the host costs a tenth of recomputing on w0, from disk 0.6 of it.
+    measured = KVLoadCost(prefill_s_per_token=1e-3, host_s_per_token=1e-4, disk_s_per_token=6e-4)
+    pool[0].load_profile = LoadProfile(kv_load=measured)
+    policy = CacheAware(config)
+    assert policy.tier_weight(pool[0], Tier.HOST) == pytest.approx(0.9)
+    assert policy.tier_weight(pool[1], Tier.HOST) == 0.25  # w1 has not said: the flag's constant
+    host_hit = RouteRequest(1000, {"w0": hit(0, host=40), "w1": hit(20)})  # 640 host vs 320 device tokens
+    assert policy.effective_cached(host_hit, pool[0]) == pytest.approx(576)
+    assert policy.choose(host_hit, pool).worker.worker_id == "w0"  # 576 effective > 320
+    disk_hit = RouteRequest(1000, {"w0": hit(0, disk=40), "w1": hit(20)})
+    assert policy.effective_cached(disk_hit, pool[0]) == pytest.approx(256)  # weighed by the disk's cost
+    assert policy.choose(disk_hit, pool).worker.worker_id == "w1"
+    # Measured, but its disk path not yet (no page file read): the constant stands in for that tier only.
+    pool[0].load_profile = LoadProfile(kv_load=KVLoadCost(1e-3, 1e-4, None))
+    assert policy.tier_weight(pool[0], Tier.DISK) == 0.25 and policy.tier_weight(pool[0], Tier.HOST) > 0.25
+    # Loading slower than recomputing: the engine recomputes, so the hit saves nothing.
+    pool[0].load_profile = LoadProfile(kv_load=KVLoadCost(1e-3, 2e-3, 3e-3))
+    assert policy.effective_cached(RouteRequest(1000, {"w0": hit(2, host=10, disk=10)}), pool[0]) == 32
+
+
+def test_a_lower_tier_prefix_the_engine_would_recompute_counts_nothing() -> None:
+    policy = CacheAware(RoutingConfig(host_tier_weight=0.5))
+    (worker,) = workers(0)
+    worker.load_profile = LoadProfile(kv_load=KVLoadCost(min_load_tokens=256))  # unmeasured, but says so
+    assert policy.effective_cached(RouteRequest(1000, {"w0": hit(4, host=10)}), worker) == 64  # 160 < 256
+    assert policy.effective_cached(RouteRequest(1000, {"w0": hit(4, host=20)}), worker) == 64 + 160
+
+
+def test_decisions_split_predicted_tokens_by_tier() -> None:
+    def split(prompt_tokens: int) -> tuple[int, int, int]:
+        request = RouteRequest(prompt_tokens, {"w0": hit(10, host=20, disk=30)})  # 160 + 320 + 480 tokens
+        d = LeastLoad(RoutingConfig()).choose(request, workers(0))
+        return d.predicted_cached_tokens, d.predicted_host_tokens, d.predicted_disk_tokens
+
+    assert split(1000) == (960, 320, 480)
+    assert split(600) == (599, 320, 119)  # never the whole prompt: the device's share counts first
 
 
 def test_bounded_load_guard_stops_hot_spots() -> None:

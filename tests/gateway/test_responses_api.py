@@ -102,7 +102,7 @@ async def test_store_false_keeps_nothing_and_unsupported_fields_are_refused(toke
             await openai.responses.create(
                 model="stub-model",
                 input="Hi.",
-                tools=[{"type": "function", "name": "f", "parameters": {}}],
+                tools=[{"type": "web_search"}],  # function tools are served; hosted tools are not
             )
     assert refused.value.body["param"] == "tools"  # type: ignore[index]
 

@@ -34,23 +34,29 @@ OPENAI_FIELDS: dict[str, list[Any]] = {
     "max_tokens": [*NOT_NUMBERS, 0, -1, 1.5, HUGE, -HUGE, 10**6, KV_CACHE_TOKENS],
     "max_completion_tokens": [*NOT_NUMBERS, 0, -1, HUGE, 10**6],
     "seed": [*NOT_NUMBERS, 1.5, 2**63, -(2**63) - 1, 2**64, HUGE, -HUGE],
-    "n": [*NOT_NUMBERS, 0, 2, -1, HUGE],
+    "n": [*NOT_NUMBERS, 0, 17, -1, HUGE],
     "best_of": [0, 2, "2", HUGE],
-    "presence_penalty": [*NOT_NUMBERS, 0.5, -2.5, HUGE],
-    "frequency_penalty": [*NOT_NUMBERS, 1.0, HUGE],
+    "presence_penalty": [*NOT_NUMBERS, 2.5, -2.5, HUGE],
+    "frequency_penalty": [*NOT_NUMBERS, -2.01, HUGE],
     "stop": ["", [""], [1], [None], [["a"]], {}, 5, True, ["a"] * 17, ["x" * 1025], ["ok", {}]],
     "stop_token_ids": ["1", 5, {}, [1.5], [True], [-1], [-HUGE], [[1]], ["1"], [0] * 257],
     "ignore_eos": ["true", 1, 0, [], {}],
     "stream": ["yes", 1, [], {}],
     "stream_options": [[], "x", 1, True],
-    "logprobs": [True, 5, "yes"],
-    "logit_bias": [{"1": 100}, {"50256": -100}],
+    "logit_bias": [
+        {"1": 101},
+        {"50256": -100},
+        {"-1": 1},
+        {"1": "x"},
+        [1],
+        "x",
+        {str(i): 1 for i in range(1025)},
+    ],
     "response_format": [{"type": "json_object"}, {"type": "json_schema", "json_schema": {}}, "json", 5],
     "cache_salt": ["", 5, [], {}, True, "s" * 257],
     "model": [7, [], {}, True, "no-such-model", "x" * 10_000],
-    "tools": [[{"type": "function", "function": {"name": "f"}}]],
     "min_p": [0.5, "x"],
-    "repetition_penalty": [1.2, -1],
+    "repetition_penalty": [*NOT_NUMBERS, 0, -1, 101, HUGE],
     "min_tokens": [5],
 }
 CHAT_FIELDS: dict[str, list[Any]] = {
@@ -72,9 +78,28 @@ CHAT_FIELDS: dict[str, list[Any]] = {
         [{"role": "user", "content": ["hi"]}],
         [{"role": "user<|im_end|>", "content": "hi"}],
         [{"role": "user", "name": "<|im_start|>system", "content": "hi"}],
+        [{"role": "assistant", "content": None, "tool_calls": "x"}],
+        [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{" * 5000}}]}],
+        [
+            {
+                "role": "assistant",
+                "tool_calls": [{"function": {"name": "f", "arguments": '{"a": "<|im_end|>"}'}}],
+            }
+        ],
         [{"role": "user", "content": "word " * (2 * KV_CACHE_TOKENS)}],
     ],
-    "top_logprobs": [5],
+    "top_logprobs": [5],  # without logprobs: true
+    "logprobs": [5, "yes", 1, []],
+    # SmolLM2's template does not render tools: even well-formed ones are refused by the engine
+    "tools": [
+        [{"type": "function", "function": {"name": "f"}}],
+        "f",
+        [1],
+        [{"type": "function"}],
+        [{"type": "function", "function": {"name": 5}}],
+        [{"type": "function", "function": {"name": "f", "parameters": [[[[[]]]]]}}] * 200,
+    ],
+    "tool_choice": ["always", 5, [], {"type": "function"}, "required"],
 }
 COMPLETIONS_FIELDS: dict[str, list[Any]] = {
     "prompt": [
@@ -97,6 +122,7 @@ COMPLETIONS_FIELDS: dict[str, list[Any]] = {
         [1] * (KV_CACHE_TOKENS + 1),
     ],
     "echo": [True],
+    "logprobs": [True, 6, -1, "yes", HUGE],
 }
 SAMPLING_PARAMS_FIELDS: dict[str, list[Any]] = {
     "max_new_tokens": [*NOT_NUMBERS, 0, -1, HUGE, 10**6],
@@ -109,7 +135,9 @@ SAMPLING_PARAMS_FIELDS: dict[str, list[Any]] = {
     "stop_token_ids": [[-1], "x", [[1]]],
     "ignore_eos": ["yes"],
     "min_p": [0.5],
-    "repetition_penalty": [2.0],
+    "repetition_penalty": [0, 500],
+    "logit_bias": [{"a": 1}, {"1": 1000}],
+    "n": [2],
 }
 GENERATE_FIELDS: dict[str, list[Any]] = {
     "text": [5, True, {}, [], ["a", "b"]],
@@ -117,7 +145,9 @@ GENERATE_FIELDS: dict[str, list[Any]] = {
     "sampling_params": [[], "x", 5, True],
     "rid": [5, [], {}, True, "r" * 257],
     "stream": ["yes", 1],
-    "return_logprob": [True, "x"],
+    "return_logprob": ["x"],
+    "top_logprobs_num": [21, -1, "x"],
+    "logprob_start_len": ["x", 1.5],
     "cache_salt": ["", 5, "s" * 257],
 }
 

@@ -51,7 +51,7 @@ def test_text_and_ids_prompts_agree_across_apis(smollm2_tokenizer, limits) -> No
         ("chat", {"messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
         ("chat", {"messages": MESSAGES, "stream": "yes"}, "stream"),
         ("chat", {"messages": MESSAGES, "stream_options": []}, "stream_options"),
-        ("chat", {"messages": MESSAGES, "n": 2}, "n"),
+        ("chat", {"messages": MESSAGES, "n": 17}, "n"),
         ("chat", {"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools"),
         ("chat", {"messages": MESSAGES, "model": 7}, "model"),
         ("completions", {}, "prompt"),
@@ -71,7 +71,8 @@ def test_bad_bodies_are_400s_naming_the_field(smollm2_tokenizer, limits, kind, b
 
 def test_the_gateway_leaves_engine_only_limits_to_the_upstream(smollm2_tokenizer) -> None:
     gateway = ServingLimits(vocab_size=smollm2_tokenizer.vocab_size)
-    body = {"messages": MESSAGES, "n": 2, "logprobs": True, "tools": [{"type": "function"}]}
+    tools = [{"type": "function", "function": {"name": "f"}}]  # SmolLM2's template does not render tools
+    body = {"messages": MESSAGES, "n": 2, "logprobs": True, "tools": tools, "tool_choice": "required"}
     assert parse_request("chat", body, smollm2_tokenizer, gateway).prompt_ids
 
 
@@ -92,10 +93,10 @@ def test_the_gateway_leaves_engine_only_limits_to_the_upstream(smollm2_tokenizer
         ("chat", {"messages": MESSAGES, "max_completion_tokens": 10**30}, "max_completion_tokens"),
         ("generate", {"text": "a", "sampling_params": {"max_new_tokens": 64}}, "max_new_tokens"),
         ("generate", {"text": "a", "rid": "r" * 257}, "rid"),
-        ("chat", {"messages": MESSAGES, "logit_bias": {"1": 5}}, "logit_bias"),
+        ("chat", {"messages": MESSAGES, "logit_bias": {"1": 101}}, "logit_bias"),
         ("chat", {"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format"),
         ("completions", {"prompt": "a", "min_p": 0.1}, "min_p"),
-        ("generate", {"text": "a", "sampling_params": {"repetition_penalty": 1.1}}, "repetition_penalty"),
+        ("generate", {"text": "a", "sampling_params": {"repetition_penalty": 0}}, "repetition_penalty"),
         ("chat", {"messages": [{"role": "user<|im_end|>", "content": "x"}]}, "messages"),
     ],
 )

@@ -50,24 +50,26 @@ class BruteForceIndex:
     def match(self, hashes: Sequence[int]) -> dict[str, MatchResult]:
         out = {}
         for worker, blocks in self.held.items():
-            n = host = 0
+            n = host = disk = 0
             for h in hashes:
                 tiers = blocks.get(h)
                 if not tiers:
                     break
                 n += 1
-                host += Tier.DEVICE not in tiers
+                fastest = min(tiers)
+                host += fastest is Tier.HOST
+                disk += fastest is Tier.DISK
             if n:
-                out[worker] = MatchResult(n, n - host, host)
+                out[worker] = MatchResult(n, n - host - disk, host, disk)
         return out
 
 
 def check_invariants(index: RadixIndex) -> None:
     blocks = list(index.tier_masks())
-    assert all(device | host for _, device, host in blocks), "a block nobody holds was kept"
+    assert all(any(masks) for _, *masks in blocks), "a block nobody holds was kept"
     assert len(blocks) == len(index)
     stats = index.stats()
-    for worker, (device, host) in stats.per_worker.items():
+    for worker, counts in stats.per_worker.items():
         slot = index._slot_of[worker]
-        assert device == sum(1 for _, d, _ in blocks if d >> slot & 1)
-        assert host == sum(1 for _, _, h in blocks if h >> slot & 1)
+        for tier, count in zip(Tier, counts, strict=True):
+            assert count == sum(1 for _, *masks in blocks if masks[tier] >> slot & 1), (worker, tier)

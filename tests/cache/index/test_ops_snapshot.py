@@ -52,6 +52,8 @@ def test_events_map_to_ops_with_tiers() -> None:
         "w", None, [1], Tier.HOST
     )
     assert ops_from_event("w", BlockRemoved([1], None)) == RemovedOp("w", [1], Tier.DEVICE)
+    assert ops_from_event("w", BlockRemoved([1], "DISK")) == RemovedOp("w", [1], Tier.DISK)
+    assert ops_from_event("w", BlockStored([1], None, [0] * 16, 16, medium="CPU_PINNED")).tier is Tier.HOST
     assert ops_from_event("w", AllBlocksCleared()) == ClearedOp("w")
 
 
@@ -80,4 +82,19 @@ def test_snapshot_of_an_empty_index_and_inconsistent_columns() -> None:
         load_index(msgpack.packb(state, use_bin_type=True))
     state["v"] = 1
     with pytest.raises(ValueError, match="version"):
+        load_index(msgpack.packb(state, use_bin_type=True))
+
+
+def test_a_version_2_snapshot_still_loads_without_disk_holders() -> None:
+    index = RadixIndex()
+    index.stored("a", None, [1, 2, 3])
+    index.stored("b", None, [1, 2], Tier.HOST)
+    index.insert_approximate("b", None, [7], expires_at=2e9)
+    state = msgpack.unpackb(dump_index(index), raw=False)
+    state["v"], state["values"] = 2, [value[:2] for value in state["values"]]  # v2: [device, host]
+    copy = load_index(msgpack.packb(state, use_bin_type=True))
+    check_invariants(copy)
+    assert copy.stats() == index.stats() and copy.match([1, 2, 3]) == index.match([1, 2, 3])
+    state["values"] = [[1, 0, 0]]  # three masks where v2 has two
+    with pytest.raises(ValueError, match="mask per tier"):
         load_index(msgpack.packb(state, use_bin_type=True))

@@ -4,7 +4,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from cache.index.radix_index import MatchResult, RadixIndex, RadixIndexConfig
+from cache.index.radix_index import MatchResult, RadixIndex, RadixIndexConfig, TierBlocks
 from cache.index.snapshot import dump_index, load_index
 from cache.wire.tiers import Tier
 from tests.cache.index.index_model import BruteForceIndex, check_invariants
@@ -104,15 +104,52 @@ def test_stats_report_blocks_per_worker() -> None:
     index.stored("a", None, [1, 2])
     index.stored("a", 2, [3], Tier.HOST)
     stats = index.stats()
-    assert stats.blocks == 3 and stats.per_worker == {"a": (2, 1)}
+    assert stats.blocks == 3 and stats.per_worker == {"a": (2, 1, 0)}
+    index.stored("a", 2, [3], Tier.DISK)
+    assert index.stats().per_worker["a"] == TierBlocks(device=2, host=1, disk=1)
+
+
+def test_disk_holders_are_kept_apart_from_device_and_host() -> None:
+    index = RadixIndex()
+    index.stored("a", None, [1, 2, 3, 4])
+    index.stored("a", None, [3, 4], Tier.HOST)
+    index.stored("a", None, [1, 2, 3, 4], Tier.DISK)  # the disk tier holds every page it was given
+    index.stored("b", None, [1, 2], Tier.DISK)  # a restarted engine announcing its page files
+    assert index.match([1, 2, 3, 4]) == {"a": MatchResult(4, 4, 0, 0), "b": MatchResult(2, 0, 0, 2)}
+    index.removed("a", [3, 4], Tier.DEVICE)  # demoted: the host copy is the fastest now
+    assert index.match([1, 2, 3, 4])["a"] == MatchResult(4, 2, 2, 0)
+    index.removed("a", [3, 4], Tier.HOST)  # host evicted: the disk still holds them
+    assert index.match([1, 2, 3, 4])["a"] == MatchResult(4, 2, 0, 2)
+    assert index.match([1, 2, 3, 4])["a"].tier is Tier.DISK
+    index.removed("a", [1, 2, 3, 4], Tier.DEVICE)
+    assert index.match([1, 2, 3, 4])["a"] == MatchResult(4, 0, 0, 4)
+    assert index.holders(3) == {"a": {Tier.DISK}}
+    index.removed("a", [3], Tier.DISK)  # gone from its last tier: now a gap
+    assert index.match([1, 2, 3, 4])["a"] == MatchResult(2, 0, 0, 2)
+    index.stored("a", None, [3], Tier.HOST)
+    index.removed("a", [1], Tier.DISK)  # a removal from disk leaves the host copy of another block alone
+    assert index.holders(3) == {"a": {Tier.HOST}} and index.holders(1) == {"b": {Tier.DISK}}
+    check_invariants(index)
+
+
+def test_cleared_drops_every_tier_of_one_worker_only() -> None:
+    index = RadixIndex()
+    for worker in ("a", "b"):
+        index.stored(worker, None, [1, 2])
+        index.stored(worker, None, [1, 2], Tier.HOST)
+        index.stored(worker, None, [1, 2, 3], Tier.DISK)
+    index.cleared("a")
+    assert index.match([1, 2, 3]) == {"b": MatchResult(3, 2, 0, 1)}
+    assert index.stats().per_worker["a"] == (0, 0, 0)
+    check_invariants(index)
 
 
 def test_more_workers_than_one_mask_word_agree_with_model() -> None:
-    # Slots past 64 re-encode every block's holders (device | host << shift) with a wider shift.
+    # Slots past 64 re-encode every block's holders (five masks, ``shift`` bits each) with a wider shift.
     rng = random.Random(7)
     index, model = RadixIndex(clock=lambda: 0.0), BruteForceIndex()
     for step in range(3000):
-        worker, tier = f"w{rng.randrange(80)}", rng.choice([Tier.DEVICE, Tier.HOST])
+        worker, tier = f"w{rng.randrange(80)}", rng.choice(list(Tier))
         hashes = [rng.randrange(1, 20) for _ in range(rng.randint(1, 5))]
         if rng.random() < 0.7:
             index.stored(worker, None, hashes, tier)
@@ -147,7 +184,7 @@ def test_snapshot_keeps_free_slots() -> None:
 WORKERS = st.sampled_from(["w0", "w1", "w2", "w3"])
 HASH = st.integers(min_value=1, max_value=12)
 HASHES = st.lists(HASH, min_size=1, max_size=6)
-TIERS = st.sampled_from([Tier.DEVICE, Tier.HOST])
+TIERS = st.sampled_from(list(Tier))
 
 
 class IndexAgreesWithModel(RuleBasedStateMachine):

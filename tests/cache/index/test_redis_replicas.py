@@ -1,4 +1,5 @@
-"""Several gateway replicas, each in its own process, sharing the index through a real Redis."""
+"""Several gateway replicas, each in its own process, sharing the index through a real Redis (the shared
+one, and a Redis Cluster of the test's own)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from cache.index.ops import ApproxOp, ClearedOp, IndexOp, RemovedOp, StoredOp, encode_op
 from cache.index.redis_store import index_key_prefix
 from cache.wire.tiers import Tier
 from tests.cache.index.index_model import BruteForceIndex
 from tests.cache.index.redis_util import (
-    SHARED_URL,
     PrivateRedis,
     delete_prefix,
-    shared_redis_available,
+    redis_url_for,
+    sync_client,
     unique_prefix,
 )
 
@@ -118,19 +118,25 @@ def wait_caught_up(*replicas: Replica, timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.fixture(scope="module", params=["standalone", "cluster"])
+def url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_url_for(request.param, tmp_path_factory.mktemp("redis-cluster")) as url:
+        yield url
+
+
 @pytest.fixture
-def shared_prefix() -> Iterator[str]:
-    if not shared_redis_available():
-        pytest.skip("no Redis at 127.0.0.1:6379")
+def shared_prefix(url: str) -> Iterator[str]:
     prefix = unique_prefix()
     yield prefix
-    delete_prefix(SHARED_URL, prefix)
+    delete_prefix(url, prefix)
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_replicas_converge_and_late_replica_catches_up_from_snapshot(shared_prefix: str, seed: int) -> None:
+def test_replicas_converge_and_late_replica_catches_up_from_snapshot(
+    url: str, shared_prefix: str, seed: int
+) -> None:
     rng = random.Random(seed)
-    a, b = Replica(SHARED_URL, shared_prefix), Replica(SHARED_URL, shared_prefix)
+    a, b = Replica(url, shared_prefix), Replica(url, shared_prefix)
     replicas = [a, b]
     ops_a: list[IndexOp] = []
     ops_b: list[IndexOp] = []
@@ -154,10 +160,10 @@ def test_replicas_converge_and_late_replica_catches_up_from_snapshot(shared_pref
         tail = random_ops(rng, ["w0", "w1"], 20)
         a.append(tail)
         ops_a += tail
-        log_len = redis.Redis.from_url(SHARED_URL).xlen(index_key_prefix(shared_prefix) + "log")
+        log_len = sync_client(url).xlen(index_key_prefix(shared_prefix) + "log")
         assert log_len < len(ops_a) + len(ops_b)
 
-        c = Replica(SHARED_URL, shared_prefix)
+        c = Replica(url, shared_prefix)
         replicas.append(c)
         wait_caught_up(a, b, c)
         assert c.matches() == a.matches() == b.matches() == expected([ops_a, ops_b])

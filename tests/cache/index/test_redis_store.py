@@ -1,7 +1,8 @@
-"""RedisIndexStore against the shared Redis at 127.0.0.1:6379 (unique key prefix, cleaned up)."""
+"""RedisIndexStore against the shared Redis at 127.0.0.1:6379 and against a Redis Cluster of its own (a
+unique key prefix, cleaned up)."""
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -9,16 +10,20 @@ from cache.index.ops import ApproxOp, ClearedOp, StoredOp, WorkerGoneOp
 from cache.index.radix_index import MatchResult
 from cache.index.redis_store import RedisIndexStore, RedisStoreConfig
 from gateway.launcher import free_port
-from tests.cache.index.redis_util import SHARED_URL, delete_prefix, shared_redis_available, unique_prefix
+from tests.cache.index.redis_util import delete_prefix, redis_url_for, unique_prefix
 
-pytestmark = pytest.mark.skipif(not shared_redis_available(), reason="no Redis at 127.0.0.1:6379")
+
+@pytest.fixture(scope="module", params=["standalone", pytest.param("cluster", marks=pytest.mark.slow)])
+def url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_url_for(request.param, tmp_path_factory.mktemp("redis-cluster")) as url:
+        yield url
 
 
 @pytest.fixture
-async def prefix() -> AsyncIterator[str]:
+async def prefix(url: str) -> AsyncIterator[str]:
     prefix = unique_prefix()
     yield prefix
-    delete_prefix(SHARED_URL, prefix)
+    delete_prefix(url, prefix)
 
 
 async def wait_caught_up(*stores: RedisIndexStore, timeout: float = 10.0) -> None:
@@ -28,8 +33,8 @@ async def wait_caught_up(*stores: RedisIndexStore, timeout: float = 10.0) -> Non
         await asyncio.sleep(0.02)
 
 
-async def test_two_stores_share_the_index(prefix: str) -> None:
-    config = RedisStoreConfig(url=SHARED_URL, key_prefix=prefix)
+async def test_two_stores_share_the_index(url: str, prefix: str) -> None:
+    config = RedisStoreConfig(url=url, key_prefix=prefix)
     a, b = RedisIndexStore(config), RedisIndexStore(config)
     await a.start()
     await b.start()
@@ -56,9 +61,10 @@ async def test_two_stores_share_the_index(prefix: str) -> None:
         await b.close()
 
 
-async def test_unreachable_redis_degrades_without_raising() -> None:
+@pytest.mark.parametrize("scheme", ["redis://", "redis+cluster://"])
+async def test_unreachable_redis_degrades_without_raising(scheme: str) -> None:
     config = RedisStoreConfig(
-        url=f"redis://127.0.0.1:{free_port()}/0", key_prefix="pgtest:none:", op_timeout_s=0.2
+        url=f"{scheme}127.0.0.1:{free_port()}", key_prefix="pgtest:none:", op_timeout_s=0.2
     )
     store = RedisIndexStore(config)
     await store.start()
@@ -72,8 +78,10 @@ async def test_unreachable_redis_degrades_without_raising() -> None:
         await store.close()
 
 
-async def test_resync_callbacks_run_before_healthy_and_a_failing_one_is_retried(prefix: str) -> None:
-    store = RedisIndexStore(RedisStoreConfig(url=SHARED_URL, key_prefix=prefix, retry_interval_s=0.01))
+async def test_resync_callbacks_run_before_healthy_and_a_failing_one_is_retried(
+    url: str, prefix: str
+) -> None:
+    store = RedisIndexStore(RedisStoreConfig(url=url, key_prefix=prefix, retry_interval_s=0.01))
     calls: list[str] = []
 
     async def flaky() -> None:

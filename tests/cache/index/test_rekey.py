@@ -39,18 +39,34 @@ def sglang_page_hash(parent: int | None, page: list[int]) -> int:
 
 
 class EngineRadix:
-    """An engine's prefix cache of ``page_size``-token pages; yields SGLang's own event objects."""
+    """An engine's prefix cache of ``page_size``-token pages; yields SGLang's own event objects (a subclass
+    may name pages and build events as another engine does: ``page_hash``, ``stored``, ``removed``)."""
 
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
-        self.pages: dict[int, tuple[int | None, list[int]]] = {}  # hash -> (parent, tokens)
-        self.children: dict[int | None, set[int]] = {}
+        self.pages: dict = {}  # hash -> (parent, tokens)
+        self.children: dict = {}
+
+    def page_hash(self, parent, page: list[int]):
+        return sglang_page_hash(parent, page)
+
+    def stored(self, hashes: list, parent, tokens: list[int]):
+        return sglang_events.BlockStored(
+            block_hashes=hashes,
+            parent_block_hash=parent,
+            token_ids=tokens,
+            block_size=self.page_size,
+            lora_id=None,
+        )
+
+    def removed(self, hashes: list):
+        return sglang_events.BlockRemoved(block_hashes=hashes)
 
     def insert(self, tokens: list[int]):
         parent, stored_hashes, stored_tokens, first_parent = None, [], [], None
         for i in range(0, len(tokens) // self.page_size * self.page_size, self.page_size):
             page = tokens[i : i + self.page_size]
-            h = sglang_page_hash(parent, page)
+            h = self.page_hash(parent, page)
             if h not in self.pages:
                 if not stored_hashes:
                     first_parent = parent
@@ -59,29 +75,19 @@ class EngineRadix:
                 stored_hashes.append(h)
                 stored_tokens += page
             parent = h
-        if not stored_hashes:
-            return []
-        return [
-            sglang_events.BlockStored(
-                block_hashes=stored_hashes,
-                parent_block_hash=first_parent,
-                token_ids=stored_tokens,
-                block_size=self.page_size,
-                lora_id=None,
-            )
-        ]
+        return [self.stored(stored_hashes, first_parent, stored_tokens)] if stored_hashes else []
 
     def evict_leaves(self, count: int):
         leaves = [h for h in self.pages if not self.children.get(h)][:count]
         for h in leaves:
             parent, _ = self.pages.pop(h)
             self.children[parent].discard(h)
-        return [sglang_events.BlockRemoved(block_hashes=leaves)] if leaves else []
+        return [self.removed(leaves)] if leaves else []
 
     def held_tokens(self, tokens: list[int]) -> int:
         parent, held = None, 0
         for i in range(0, len(tokens) // self.page_size * self.page_size, self.page_size):
-            h = sglang_page_hash(parent, tokens[i : i + self.page_size])
+            h = self.page_hash(parent, tokens[i : i + self.page_size])
             if h not in self.pages:
                 break
             parent, held = h, held + self.page_size

@@ -108,9 +108,50 @@ async def warm_up(consumer: KVEventConsumer, rank: Rank) -> None:
     """The publisher connects: batches are dropped until the subscription lands; send empty ones."""
     deadline = time.monotonic() + 20
     while consumer.stats.batches == 0:
-        assert time.monotonic() < deadline, "SGLang's publisher never reached the consumer"
+        assert time.monotonic() < deadline, "the publisher never reached the consumer"
         rank.publish([])
         await asyncio.sleep(0.05)
+
+
+async def two_ranks_indexed_then_a_gap_replayed(
+    consumers: list[KVEventConsumer], tasks: list[asyncio.Task], ranks: list, store: LocalIndexStore
+) -> list[list[int]]:
+    """Both ranks (their engines and publishers: ``Rank`` or vLLM's) cache requests of their own, and the
+    index must mirror them; then rank 1's subscription goes away while it caches more (beyond the PUB
+    socket's high-water mark: some batches are lost) and evicts some, and comes back: the missed batches
+    must come back from rank 1's replay socket. Returns every prompt cached."""
+    for consumer, rank in zip(consumers, ranks, strict=True):
+        await warm_up(consumer, rank)
+    batch = prompts(6, 80, shared=32)
+    for i, p in enumerate(batch):  # each rank caches its own requests
+        rank = ranks[i % 2]
+        rank.publish(rank.engine.insert(p))
+    # A lost batch shows as a gap when the next one arrives: keep batches coming, as an engine does.
+    await until(lambda: all(map(nudge, ranks)) and mirrors(store, ranks, batch), "both ranks indexed")
+
+    tasks[1].cancel()
+    await asyncio.gather(tasks[1], return_exceptions=True)
+    more = [[t + 7 for t in p] for p in prompts(12, 64, shared=0)]
+    for p in more:
+        ranks[1].publish(ranks[1].engine.insert(p))
+    ranks[1].publish(ranks[1].engine.evict_leaves(5))
+    tasks[1] = asyncio.create_task(consumers[1].run())
+    await warm_up_again(consumers[1], ranks[1])
+    await until(
+        lambda: all(map(nudge, ranks)) and mirrors(store, ranks, batch + more), "missed batches replayed"
+    )
+    assert consumers[1].stats.replayed > 0 and consumers[1].stats.gaps == 0
+    assert all(c.stats.decode_errors == 0 for c in consumers)
+    return batch + more
+
+
+async def stop(tasks: list[asyncio.Task], ranks: list, ctx: zmq.asyncio.Context) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for rank in ranks:
+        rank.close()
+    ctx.term()
 
 
 async def test_two_dp_ranks_gaps_replayed_and_a_restart_purges() -> None:
@@ -122,30 +163,7 @@ async def test_two_dp_ranks_gaps_replayed_and_a_restart_purges() -> None:
     tasks = [asyncio.create_task(c.run()) for c in consumers]
     ranks = [Rank(0, pub, replay), Rank(1, pub, replay)]
     try:
-        for consumer, rank in zip(consumers, ranks, strict=True):
-            await warm_up(consumer, rank)
-        batch = prompts(6, 80, shared=32)
-        for i, p in enumerate(batch):  # each rank caches its own requests
-            rank = ranks[i % 2]
-            rank.publish(rank.engine.insert(p))
-        # A lost batch shows as a gap when the next one arrives: keep batches coming, as an engine does.
-        await until(lambda: all(map(nudge, ranks)) and mirrors(store, ranks, batch), "both ranks indexed")
-
-        # Rank 1's consumer goes away for a while; what it misses comes back from SGLang's replay buffer.
-        tasks[1].cancel()
-        await asyncio.gather(tasks[1], return_exceptions=True)
-        more = prompts(12, 64, shared=0)
-        for p in more:  # more than the high-water mark: some are lost
-            ranks[1].publish(ranks[1].engine.insert([t + 7 for t in p]))
-        ranks[1].publish(ranks[1].engine.evict_leaves(5))
-        tasks[1] = asyncio.create_task(consumers[1].run())
-        await warm_up_again(consumers[1], ranks[1])
-        shifted = [[t + 7 for t in p] for p in more]
-        await until(
-            lambda: all(map(nudge, ranks)) and mirrors(store, ranks, batch + shifted),
-            "missed batches replayed",
-        )
-        assert consumers[1].stats.replayed > 0 and consumers[1].stats.gaps == 0
+        cached = await two_ranks_indexed_then_a_gap_replayed(consumers, tasks, ranks, store)
 
         # Rank 0's engine restarts: an empty cache, seq from 0 again. The worker is purged (all ranks:
         # purges are per worker) and rebuilt from what rank 0 stores next.
@@ -153,19 +171,14 @@ async def test_two_dp_ranks_gaps_replayed_and_a_restart_purges() -> None:
         await port_released(replay)  # the old publisher's thread unbinds its replay socket on its own time
         ranks[0] = Rank(0, pub, replay)
         await until(lambda: nudge(ranks[0]) and consumers[0].stats.restarts == 1, "the restart seen")
-        assert all(held_by_index(store, p) == 0 for p in batch + shifted)
+        assert all(held_by_index(store, p) == 0 for p in cached)
         after = [t + 3 for t in prompts(1, 48, shared=0)[0]]
         ranks[0].publish(ranks[0].engine.insert(after))
         await until(
             lambda: nudge(ranks[0]) and held_by_index(store, after) == 48, "rebuilt after the restart"
         )
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for rank in ranks:
-            rank.close()
-        ctx.term()
+        await stop(tasks, ranks, ctx)
 
 
 async def port_released(port: int) -> None:

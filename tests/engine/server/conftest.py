@@ -9,6 +9,7 @@ eviction is easy to reach; that is also the context length.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from aiohttp import web
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.kv.prefix_cache import Node
+from engine.loader import LoadedModel
 from engine.server.app import create_app, load_engine, start_site
 from engine.server.kv_events import KVEventPublisher
 from engine.server.state import STATE, ServerSettings, ServerState
@@ -97,9 +99,16 @@ class EngineServer:
 
 @pytest.fixture(scope="session")
 def engine_server(smollm2_gguf_path: Path, smollm2_model) -> Iterator[EngineServer]:
-    settings = ServerSettings(port=0, kv_events_endpoint="tcp://127.0.0.1:*", shutdown_grace_s=5.0)
     config = EngineConfig(model=str(smollm2_gguf_path), dtype="float32", kv_cache_tokens=KV_CACHE_TOKENS)
-    engine, publisher = load_engine(config, settings, smollm2_model)
+    with serve_engine(config, smollm2_model) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serve_engine(config: EngineConfig, loaded: LoadedModel | None = None) -> Iterator[EngineServer]:
+    """A real engine server for ``config`` (with KV events) on a loopback port, served from a thread."""
+    settings = ServerSettings(port=0, kv_events_endpoint="tcp://127.0.0.1:*", shutdown_grace_s=5.0)
+    engine, publisher = load_engine(config, settings, loaded)
     assert publisher is not None
     app = create_app(engine, settings, publisher)
     loop = asyncio.new_event_loop()

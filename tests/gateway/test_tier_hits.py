@@ -1,0 +1,72 @@
+"""KV tiers at the gateway: hits per tier on /metrics and /stats (a routed request's predicted cached tokens
+split by the fastest tier holding them on its worker), and lower-tier hits weighed by what each worker
+measured of its load-back cost. Stub workers on loopback; no model."""
+
+from __future__ import annotations
+
+import pytest
+
+from cache.index.ops import RemovedOp, StoredOp
+from cache.planning.load_profile import KVLoadCost, LoadProfile
+from cache.prompt.tokenizer import Tokenizer
+from cache.wire.tiers import Tier
+from gateway.config import GatewayConfig, RoutingConfig
+from gateway.state import STATE
+from tests.gateway.conftest import running_gateway
+from tests.gateway.test_dispatch import CHAT, gateway_over
+from tests.gateway.test_pd_advisor import stub_workers
+
+LONG = {"messages": [{"role": "user", "content": " ".join(f"word{i}" for i in range(120))}], "max_tokens": 3}
+
+
+async def test_predicted_hits_are_counted_per_tier(tokenizer: Tokenizer) -> None:
+    async with gateway_over(tokenizer, "ok") as g:
+        async with g.session.post(g.base + CHAT, json=LONG) as r:
+            assert r.status == 200
+        worker, store = g.worker(0).worker_id, g.state.store
+        # The gateway now expects the prompt on the worker's device. Say instead that the worker demoted
+        # all but two blocks to its host tier, then all but two more to disk only.
+        chain = [h for h, *_ in reversed(list(store.index.tier_masks()))]  # stored deepest first
+        await store.append_many(
+            [
+                RemovedOp(worker, chain[2:], Tier.DEVICE),
+                StoredOp(worker, None, chain[2:], Tier.HOST),
+                StoredOp(worker, None, chain[4:], Tier.DISK),
+                RemovedOp(worker, chain[4:], Tier.HOST),
+            ]
+        )
+        async with g.session.post(g.base + CHAT, json=LONG) as r:
+            assert r.status == 200
+        record = g.state.metrics.recent[-1]
+        predicted = record.predicted_cached_tokens
+        assert predicted > 64
+        expected = {"device": 32, "host": 32, "disk": predicted - 64}
+        assert record.predicted_by_tier() == expected
+        registry = g.state.metrics.registry
+        for tier, tokens in expected.items():
+            assert (
+                registry.get_sample_value("prefixgate_routed_cached_tokens_total", {"tier": tier}) == tokens
+            )
+        async with g.session.get(g.base + "/stats") as r:
+            stats = await r.json()
+        assert stats["totals"]["predicted_cached_tokens_by_tier"] == expected
+        (shown,) = stats["workers"]
+        assert (shown["index_host_blocks"], shown["index_disk_blocks"]) == (2, len(chain) - 4)
+        async with g.session.get(g.base + "/metrics") as r:
+            text = await r.text()
+        assert f'prefixgate_routed_cached_tokens_total{{tier="disk"}} {float(predicted - 64)}' in text
+        assert f'prefixgate_index_blocks{{tier="disk",worker="{worker}"}}' in text
+
+
+async def test_the_gateway_weighs_lower_tiers_by_what_each_worker_measured(tokenizer: Tokenizer) -> None:
+    measured = LoadProfile(kv_load=KVLoadCost(prefill_s_per_token=1e-3, host_s_per_token=2e-4))
+    async with stub_workers(("mixed", measured), ("mixed", LoadProfile())) as urls:
+        config = GatewayConfig(workers=tuple(urls), routing=RoutingConfig(host_tier_weight=0.3))
+        async with running_gateway(config, tokenizer) as (_, app):
+            state = app[STATE]
+            await state.pool.check_all()  # the periodic check reads each worker's GET /load_profile
+            policy, (w0, w1) = state.router.policy, list(state.pool)
+            assert w0.load_profile is not None and w0.load_profile.kv_load == measured.kv_load
+            assert policy.tier_weight(w0, Tier.HOST) == pytest.approx(0.8)  # 1 - 0.2 ms / 1 ms
+            assert policy.tier_weight(w0, Tier.DISK) == 0.3  # no page file read yet: the flag's constant
+            assert policy.tier_weight(w1, Tier.HOST) == 0.3  # measured nothing of its tiers
