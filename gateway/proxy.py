@@ -151,13 +151,7 @@ class Proxy:
                     raise UpstreamFailed(f"HTTP {upstream.status}", answered=upstream.status >= 500)
         except UPSTREAM_ERRORS as exc:
             raise UpstreamFailed(type(exc).__name__) from exc
-        try:
-            reply = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            reply = None
-        if not isinstance(reply, dict):
-            raise UpstreamFailed("answered something that is not a JSON object")
-        return reply
+        return _json_object(raw)
 
     async def _read(self, upstream: aiohttp.ClientResponse, limit: int = 0, truncate: bool = False) -> bytes:
         """The body, up to ``limit`` (default ``max_body_bytes``); longer is an ``UpstreamFailed`` unless
@@ -188,6 +182,17 @@ async def read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _json_object(raw: bytes) -> dict:
+    """A 2xx answer's body, which must be a JSON object (else ``UpstreamFailed``)."""
+    try:
+        reply = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        reply = None
+    if not isinstance(reply, dict):
+        raise UpstreamFailed("answered something that is not a JSON object")
+    return reply
+
+
 def _client_error(status: int, raw: bytes) -> dict:
     """A worker's 4xx for the client, as OpenAI error fields: its own if it sent an OpenAI error body, else
     ours (never its HTML or other text)."""
@@ -204,12 +209,7 @@ def _client_error(status: int, raw: bytes) -> dict:
 async def _reply(status: int, raw: bytes, translator: ReplyTranslator | None) -> Relayed:
     """A non-streamed 2xx answer: a JSON object (translated for the client when asked), or
     ``UpstreamFailed``."""
-    try:
-        reply = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        reply = None
-    if not isinstance(reply, dict):
-        raise UpstreamFailed("answered something that is not a JSON object")
+    reply = _json_object(raw)
     body = await translator.reply(reply) if translator else raw
     relayed = Relayed(web.Response(body=body, status=status, content_type="application/json"), status)
     relayed.usage, relayed.text = reply_usage(reply), reply_text(reply)

@@ -185,3 +185,27 @@ def held(transport: GatedTransport) -> Iterator[None]:
         yield
     finally:
         transport.gate.set()
+
+
+@contextmanager
+def server_pair(
+    model_path: str, loaded: Any, roles: tuple[str, str] = ("mixed", "mixed")
+) -> Iterator[tuple[Server, Server]]:
+    """Two engine servers on one background loop sharing ``loaded``: A plain, B with a
+    ``GatedTransport``; each with a role (``--role``)."""
+    loop = Loop()
+    config = TransferConfig(export_buffer_mib=32, import_buffer_mib=32, timeout_s=60.0, lease_ttl_s=60.0)
+    a = start_server(loop, model_path, loaded, config, role=roles[0])
+    b = start_server(loop, model_path, loaded, config, gated=True, role=roles[1])
+    try:
+        yield a, b
+    finally:
+        for server in (a, b):
+            loop.run(server.runner.cleanup())
+        loop.close()
+
+
+def pages_leaked(server: Server) -> bool:
+    """Pages owned by neither the prefix cache nor the free list, with no request running."""
+    stats = server.state.engine.stats
+    return stats.num_running == 0 and stats.pages_used != stats.pages_cached

@@ -16,16 +16,15 @@ import pytest
 
 pytest.importorskip("mooncake.engine", reason="KV transfer needs mooncake-transfer-engine-non-cuda")
 
-from engine.transfer.config import TransferConfig
 from tests.engine.kv_transfer_helpers import (
     GatedTransport,
-    Loop,
     Server,
     held,
     http,
     metric,
     nothing_held,
-    start_server,
+    pages_leaked,
+    server_pair,
     wait_until,
 )
 
@@ -41,16 +40,8 @@ def new_prompt(length: int = 200) -> list[int]:
 
 @pytest.fixture(scope="module")
 def pd(smollm2_gguf_path: Path, smollm2_model) -> Iterator[tuple[Server, Server]]:
-    loop = Loop()
-    config = TransferConfig(export_buffer_mib=32, import_buffer_mib=32, timeout_s=60.0, lease_ttl_s=60.0)
-    p = start_server(loop, str(smollm2_gguf_path), smollm2_model, config, role="prefill")
-    d = start_server(loop, str(smollm2_gguf_path), smollm2_model, config, gated=True, role="decode")
-    try:
-        yield p, d
-    finally:
-        for server in (p, d):
-            loop.run(server.runner.cleanup())
-        loop.close()
+    with server_pair(str(smollm2_gguf_path), smollm2_model, ("prefill", "decode")) as pair:
+        yield pair
 
 
 def complete(url: str, prompt: list[int], max_tokens: int = 8, **extra: Any) -> dict[str, Any]:
@@ -62,11 +53,6 @@ def prefill(p: Server, prompt: list[int], **extra: Any) -> dict[str, Any]:
     """What a gateway sends P: one token, no stream, ``do_remote_decode``."""
     reply = complete(p.url, prompt, 1, kv_transfer_params={"do_remote_decode": True}, **extra)
     return reply["kv_transfer_params"]
-
-
-def pages_leaked(server: Server) -> bool:
-    stats = server.state.engine.stats
-    return stats.num_running == 0 and stats.pages_used != stats.pages_cached
 
 
 def test_roles_are_advertised(pd: tuple[Server, Server]) -> None:

@@ -16,18 +16,17 @@ import pytest
 
 pytest.importorskip("mooncake.engine", reason="KV transfer needs mooncake-transfer-engine-non-cuda")
 
-from engine.transfer.config import TransferConfig
 from tests.engine.kv_transfer_helpers import (
     GatedTransport,
-    Loop,
     Server,
     generate,
     held,
     http,
     metric,
     nothing_held,
+    pages_leaked,
     plan_for,
-    start_server,
+    server_pair,
     wait_until,
 )
 
@@ -44,28 +43,14 @@ def new_prompt(length: int = 200) -> list[int]:
 
 @pytest.fixture(scope="module")
 def servers(smollm2_gguf_path: Path, smollm2_model) -> Iterator[tuple[Server, Server]]:
-    loop = Loop()
-    config = TransferConfig(export_buffer_mib=32, import_buffer_mib=32, timeout_s=60.0, lease_ttl_s=60.0)
-    a = start_server(loop, str(smollm2_gguf_path), smollm2_model, config)
-    b = start_server(loop, str(smollm2_gguf_path), smollm2_model, config, gated=True)
-    try:
-        yield a, b
-    finally:
-        for server in (a, b):
-            loop.run(server.runner.cleanup())
-        loop.close()
+    with server_pair(str(smollm2_gguf_path), smollm2_model) as pair:
+        yield pair
 
 
 def transport(server: Server) -> GatedTransport:
     service = server.state.transfer
     assert service is not None and isinstance(service.transport, GatedTransport)
     return service.transport
-
-
-def pages_leaked(server: Server) -> bool:
-    """Pages owned by neither the prefix cache nor the free list, with no request running."""
-    stats = server.state.engine.stats
-    return stats.num_running == 0 and stats.pages_used != stats.pages_cached
 
 
 def test_fetched_kv_gives_the_same_tokens_as_recomputing(servers: tuple[Server, Server]) -> None:
