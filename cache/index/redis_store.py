@@ -35,7 +35,7 @@ Protocol:
   (snapshot, covered, trim, trimmed) and every other multi-key command stay on one slot; the gateway's
   other keys are single-key commands, spread over the slots. A failover is handled as with Sentinel: the
   commands in flight fail, the store goes degraded, and the client's next command reloads the slot map and
-  finds the promoted replica.
+  finds the promoted replica (the tail task reads on a fresh client after a failed round: ``_renew_tail``).
 """
 
 from __future__ import annotations

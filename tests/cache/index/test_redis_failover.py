@@ -172,3 +172,41 @@ async def test_a_failover_degrades_the_store_which_then_converges(failover: Fail
             await other.close()
     finally:
         await store.close()
+
+
+@pytest.mark.slow  # starts redis-server processes
+async def test_the_store_survives_the_loss_of_the_node_its_cluster_client_asks_for_key_slots(
+    tmp_path: Path,
+) -> None:
+    """redis-py's cluster client asks one node (``commands_parser.node``) which slot an XREAD goes to,
+    outside its own error handling: when that node died, every XREAD failed and the client never
+    re-learned the topology, so the store stayed degraded for good. Kill exactly that node."""
+    if not LocalRedisCluster.available():
+        pytest.skip("needs redis-server and redis-cli")
+    cluster = LocalRedisCluster(tmp_path)
+    try:
+        cluster.start()
+        config = RedisStoreConfig(url=cluster.url, key_prefix=unique_prefix())
+        store = RedisIndexStore(config)
+        await store.start()
+        try:
+            await until(lambda: store.status == "healthy", "the store synced")
+            await store.append(StoredOp("w", None, [1, 2, 3]))
+            parser = store._tail.commands_parser
+            await until(lambda: getattr(parser, "node", None) is not None, "the tail client initialised")
+            asked = int(parser.node.port)
+            replica = cluster.add_replica(asked)  # so that the cluster can do without it
+            cluster.kill(asked)
+            await until(lambda: store.status == "degraded", "degraded while that node is gone")
+            await until(lambda: redis.Redis(port=replica).info("replication")["role"] == "master", "promoted")
+            await until(lambda: store.status == "healthy", "the store converged")
+            other = RedisIndexStore(config)
+            await other.start()
+            try:
+                await until(lambda: held(other) == 3, "a new replica reads the log")
+            finally:
+                await other.close()
+        finally:
+            await store.close()
+    finally:
+        cluster.stop()
