@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
+from cache.api.replies import KVFetch
+from cache.api.requests import KVPin
 from cache.api.sampling import SamplingParams
 from cache.prompt.tokenizer import Tokenizer
 from engine.engine import EngineInfo, EngineStats, LLMEngine
@@ -43,6 +45,7 @@ class GenerationChunk:
     completion_tokens: int  # this choice's, so far
     index: int = 0  # the choice
     logprobs: list[TokenLogprobs] | None = None  # one per token id, when the request asks for them
+    kv_fetch: KVFetch | None = None  # the server's: the fetch plan the request ran before its prefill
 
 
 class EngineError(RuntimeError):
@@ -127,6 +130,7 @@ class AsyncEngine:
         sampling: SamplingParams,
         request_id: str | None = None,
         cache_salt: str = "",
+        kv_pins: tuple[KVPin, ...] = (),
     ) -> AsyncIterator[GenerationChunk]:
         """Stream a request's output, every choice's chunks as they come; breaking out of the
         iteration aborts the request. The prompt must respect ``info.limits`` (``cache.api.requests``
@@ -136,7 +140,7 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already running")
         if self._stopping or self._loop is None:
             raise EngineError("the engine is not running")
-        seq = self.engine.make_sequence(request_id, prompt_ids, sampling, cache_salt)
+        seq = self.engine.make_sequence(request_id, prompt_ids, sampling, cache_salt, kv_pins)
         choices = [seq, *seq.forks]
         stream: asyncio.Queue[_Update | BaseException] = asyncio.Queue()
         self._streams[request_id] = stream
@@ -194,6 +198,7 @@ class AsyncEngine:
         engine = self.engine
         while not self._stopping:
             self._apply_inbox()
+            engine.pins.expire()  # also while idle, so that the pinned-pages figure stays true
             self.stats = engine.stats()
             if not engine.scheduler.has_work():
                 self._wakeup.wait(timeout=0.5)

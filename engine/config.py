@@ -50,6 +50,17 @@ class EngineConfig:
         "matmul weights: float | int8 | int4 | auto (int4 on CPU with bf16, else float); the quantized "
         "modes decode about 2x faster at batch 1 but cached and cold prompts may round differently",
     )
+    # Retention pins (engine/kv/retention.py): prefixes a request's ``kv_pin`` holds in the device pool.
+    kv_pin_fraction: float = _flag(
+        0.5,
+        "retention pins (a request's kv_pin, set by the gateway) may hold at most this fraction of the "
+        "KV pool; 0 turns pinning off",
+    )
+    kv_pin_namespace_fraction: float = _flag(
+        0.125,
+        "at most this fraction of the KV pool for one namespace's (tenant's) pins; its oldest are released "
+        "to make room for its new ones",
+    )
     # KV tiers (SGLang HiCache's flags): a host pool under the device pool, and an optional disk tier.
     enable_hierarchical_cache: bool = _flag(
         False,
@@ -89,6 +100,8 @@ class EngineConfig:
             raise ValueError("page_size, max_batch_tokens and max_running must be positive")
         if self.itl_slo_ms is not None and not (0 < self.itl_slo_ms < float("inf")):  # NaN fails too
             raise ValueError("itl_slo_ms must be a positive number of milliseconds")
+        if not (0 <= self.kv_pin_fraction < 1 and 0 <= self.kv_pin_namespace_fraction < 1):
+            raise ValueError("kv_pin_fraction and kv_pin_namespace_fraction must be in [0, 1)")
         if self.hicache_write_policy not in WRITE_POLICIES:
             raise ValueError(f"hicache_write_policy must be one of {', '.join(WRITE_POLICIES)}")
         if self.hicache_disk_dir is not None and not self.enable_hierarchical_cache:

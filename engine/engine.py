@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from cache.api.requests import ServingLimits
+from cache.api.requests import KVPin, ServingLimits
 from cache.api.sampling import SamplingParams
 from cache.planning.load_profile import LoadProfile, StepProfiler
 from cache.wire.hashing import block_hashes, namespace_seed
@@ -23,6 +23,7 @@ from engine.kv.load_cost import LoadCost
 from engine.kv.lower_tiers import LowerTiers
 from engine.kv.page_pool import PagePool
 from engine.kv.prefix_cache import BlockHasher, CacheListener, PrefixCache
+from engine.kv.retention import RetentionPins
 from engine.kv.transfer import KVTransfer, allocate_host_kv
 from engine.loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, allocate_kv, kv_bytes_per_token
@@ -72,11 +73,15 @@ class EngineStats:
 
     num_running: int = 0
     num_waiting: int = 0
-    tokens_held: int = 0  # KV tokens in pages held by requests
+    tokens_held: int = 0  # KV tokens in pages held by requests (and by retention pins: not evictable)
     pages_used: int = 0
     pages_free: int = 0
     pages_cached: int = 0  # owned by the prefix cache
     pages_total: int = 0
+    # retention pins (``kv_pin``): distinct cached pages they hold, pins held, pins refused since start
+    pages_pinned: int = 0
+    num_pins: int = 0
+    pins_refused: int = 0
     # KV tiers (all 0 without the hierarchical cache)
     host_pages_cached: int = 0
     host_pages_total: int = 0
@@ -126,6 +131,11 @@ class LLMEngine:
                 namespace_hash = namespace_hash or (lambda salt: namespace_seed(loaded.model_id, salt))
             self.lower = _lower_tiers(config, kv, num_pages, kv_bytes_per_token(self.model, loaded.dtype))
         self.cache = PrefixCache(self.pool, config.page_size, hasher, listener, namespace_hash, self.lower)
+        self.pins = RetentionPins(
+            self.cache,
+            int(num_pages * config.kv_pin_fraction),
+            int(num_pages * config.kv_pin_namespace_fraction),
+        )
         if self.lower is not None and self.lower.disk is not None:
             restored = self.lower.restore_from_disk()
             log.info("KV disk tier %s: %d pages restored", config.hicache_disk_dir, restored)
@@ -153,10 +163,16 @@ class LLMEngine:
         log.info("engine ready: %s", self.info)
 
     def make_sequence(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, cache_salt: str = ""
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        cache_salt: str = "",
+        kv_pins: tuple[KVPin, ...] = (),
     ) -> Sequence:
         """A request as the scheduler sees it. The prompt must respect ``info.limits`` (callers check
         it once, with ``cache.api.requests``): non-empty, shorter than the context, ids in the vocabulary.
+        ``kv_pins``: prefixes of the prompt the retention pins hold once it is prefilled.
 
         With ``sampling.n > 1`` the returned sequence is choice 0 and carries the other choices in
         ``forks`` (choice i seeded with ``seed + i``); add only it: they start from its prefill."""
@@ -172,7 +188,7 @@ class LLMEngine:
             )
             for i in range(sampling.n)
         ]
-        seqs[0].forks = seqs[1:]
+        seqs[0].forks, seqs[0].kv_pins = seqs[1:], kv_pins
         return seqs[0]
 
     def add(self, seq: Sequence) -> None:
@@ -192,6 +208,7 @@ class LLMEngine:
         Failures stay with their requests: a row whose sampling raises fails that sequence alone; a
         forward pass that raises fails this batch's sequences, each on its own (waiting ones are not
         touched). Either way the engine is consistent and the next step serves everyone else."""
+        self.pins.expire()  # before scheduling: its evictions may take what expired
         batch = self.scheduler.schedule()
         if batch is None:
             return []
@@ -218,11 +235,19 @@ class LLMEngine:
                 seq.last_logprobs = result.logprobs
         parents = [c.seq for c in batch.chunks if c.samples and c.seq.forks]  # before postprocess moves on
         updated = self.scheduler.postprocess(batch, tokens)
+        for seq in updated:
+            if seq.kv_pins and len(seq.output_ids) == 1:  # just prefilled: its prompt's pages are cached
+                self._retain(seq)
         stepped = updated + self._start_forks(parents, tokens) + failed
         for seq in stepped:
             if seq.finished:
                 self.runner.sampler.forget(seq)
         return stepped
+
+    def _retain(self, seq: Sequence) -> None:
+        for pin in seq.kv_pins:
+            prefix = seq.prompt_ids if pin.tokens is None else seq.prompt_ids[: pin.tokens]
+            self.pins.pin(prefix, seq.cache_salt, pin.ttl_s)
 
     def _fail(self, seq: Sequence, exc: Exception) -> None:
         log.warning("request %s failed in the engine: %r", seq.request_id, exc)
@@ -268,6 +293,9 @@ class LLMEngine:
             pages_free=pool.num_free,
             pages_cached=self.cache.num_pages,
             pages_total=pool.num_pages,
+            pages_pinned=self.pins.pinned_pages,
+            num_pins=len(self.pins),
+            pins_refused=self.pins.refused,
             load_profile=profile,
             step_token_budget=self._step_token_budget(),
             step_time_fixed_s=fit.fixed_s if fit else 0.0,
@@ -290,6 +318,7 @@ class LLMEngine:
         """Drop all cached prefixes; refused (False) while requests are running."""
         if self.scheduler.has_work():
             return False
+        self.pins.release_all()
         self.cache.reset()
         return True
 

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from cache.api.requests import KVPin
 from cache.api.sampling import SamplingParams
 from engine.kv.prefix_cache import Node
 
@@ -49,6 +50,7 @@ class Sequence:
     choice: int = 0
     forks: list[Sequence] = field(default_factory=list)
     last_logprobs: TokenLogprobs | None = None  # of the newest output token, when the request asks
+    kv_pins: tuple[KVPin, ...] = ()  # prefixes of the prompt to retain once it is prefilled (choice 0)
 
     @property
     def token_ids(self) -> list[int]:

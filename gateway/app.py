@@ -43,7 +43,7 @@ def create_app(
     app.router.add_get("/v1/responses/{response_id}", responses_api.get_response)
     app.router.add_delete("/v1/responses/{response_id}", responses_api.delete_response)
     app.router.add_post("/v1/messages", messages_api.create_message)
-    app.router.add_post("/v1/embeddings", passthrough.embeddings)
+    passthrough.add_routes(app)  # /v1/embeddings, /v1/tokenize, /v1/detokenize, /tokenize, /detokenize
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/metrics", handlers.metrics)

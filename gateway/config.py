@@ -57,6 +57,14 @@ class RoutingConfig:
         metadata={"help": "attach a fetch plan only when the chosen worker would receive this many tokens"},
     )
     kv_fetch_plan_ttl_s: float = 10.0  # a plan expires this long after routing (clocks must agree)
+    # Retention (gateway/retention.py): prompt_cache_retention and cache_control ttls as engine pins.
+    max_retention_s: float = field(
+        default=86400.0,
+        metadata={
+            "help": "longest that our engine workers hold a prefix for a client's prompt_cache_retention "
+            "(in_memory: 600 s, 24h) or cache_control ttl (5m, 1h); 0: never pin"
+        },
+    )
     session_ttl_s: float = 1800.0
     approx_ttl_s: float = 120.0  # lifetime of routed-not-reported index entries (workers without events)
     # A request's prefix is claimed for its worker as soon as it is routed, so that a concurrent request

@@ -25,7 +25,14 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.metrics import HISTOGRAM_BOUNDS, GatewayMetrics, cached_by_tier, hit_rates, latency_percentiles
+from gateway.metrics import (
+    HISTOGRAM_BOUNDS,
+    GatewayMetrics,
+    cached_by_tier,
+    hit_rates,
+    latency_percentiles,
+    prompt_sources,
+)
 from gateway.shared_state import SharedState
 
 log = logging.getLogger(__name__)
@@ -112,6 +119,9 @@ def figures(totals: Mapping[str, int]) -> dict[str, Any]:
         "predicted_cached_tokens": totals.get("predicted_cached_tokens", 0),
         "predicted_cached_tokens_by_tier": cached_by_tier(totals),
         "prompt_tokens_saved": totals.get("cached_tokens", 0),
+        "prompt_tokens_by_source": prompt_sources(totals),  # cached here, fetched from a peer, computed
+        "kv_fetched_tokens": totals.get("kv_fetched_tokens", 0),
+        "kv_fetch_recomputed_tokens": totals.get("kv_fetch_recomputed_tokens", 0),
         **hit_rates(totals),
         **{
             f"{h}_p{round(q * 100)}_s": bucket_quantile(totals, h, q)

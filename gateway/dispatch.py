@@ -33,6 +33,7 @@ from gateway.fetch_plans import PlannedFetch
 from gateway.metrics import CLIENT_CLOSED, GatewayMetrics, RequestRecord
 from gateway.policies import Decision
 from gateway.proxy import Proxy, Relayed, UpstreamCall, UpstreamFailed
+from gateway.retention import openai_pins
 from gateway.router import PreparedRequest, Router
 from gateway.translation import ReplyTranslator
 from gateway.workers import Worker, WorkerPool
@@ -43,9 +44,11 @@ PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "gene
 
 
 # Fields only the gateway sets: a client's would make a worker pull KV from a peer of the client's choosing
-# (``kv_fetch_plan``) or join a disaggregated transfer (vLLM's ``kv_transfer_params``, SGLang's bootstrap).
+# (``kv_fetch_plan``), join a disaggregated transfer (vLLM's ``kv_transfer_params``, SGLang's bootstrap)
+# or hold pages past the gateway's retention bounds (``kv_pin``, ``gateway.retention``).
 GATEWAY_ONLY_FIELDS = (
     "kv_fetch_plan",
+    "kv_pin",
     "kv_transfer_params",
     "bootstrap_host",
     "bootstrap_port",
@@ -53,12 +56,15 @@ GATEWAY_ONLY_FIELDS = (
 )
 
 
-def upstream_body(req: PreparedRequest, fetch: PlannedFetch | None = None) -> tuple[bytes, bool]:
+def upstream_body(
+    req: PreparedRequest, fetch: PlannedFetch | None = None, kv_pins: list[dict[str, Any]] | None = None
+) -> tuple[bytes, bool]:
     """The body to send upstream, and whether the gateway asked for a usage chunk the client did not
     (so the proxy strips it). ``cache_salt`` is always the gateway's: the tenant's derived salt (vLLM's
     field; the worker keys its prefix cache by it, as the gateway's hashes do), or absent when the tenant
     has none. A client's own ``cache_salt`` and ``GATEWAY_ONLY_FIELDS`` never reach a worker; ``fetch``:
-    the gateway's own ``kv_fetch_plan`` for this worker (``gateway.fetch_plans``)."""
+    the gateway's own ``kv_fetch_plan`` for this worker (``gateway.fetch_plans``); ``kv_pins``: its
+    ``kv_pin`` (``gateway.retention``)."""
     body: dict[str, Any] = dict(req.body)
     for name in ("cache_salt", *GATEWAY_ONLY_FIELDS):
         body.pop(name, None)
@@ -66,6 +72,8 @@ def upstream_body(req: PreparedRequest, fetch: PlannedFetch | None = None) -> tu
         body["cache_salt"] = req.tenant.salt
     if fetch is not None:
         body["kv_fetch_plan"] = fetch.to_json()
+    if kv_pins:
+        body["kv_pin"] = kv_pins
     ask_usage = req.stream and req.kind != "generate"  # usage carries cached_tokens, for the hit rate
     if ask_usage:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
@@ -86,10 +94,14 @@ class Dispatcher:
         req: PreparedRequest,
         translator: ReplyTranslator | None = None,
         on_served: Callable[[Worker], Awaitable[None]] | None = None,
+        kv_pins: list[dict[str, Any]] | None = None,
     ) -> web.StreamResponse:
         """``translator``: the client speaks another API; the worker's chat-completions answer is translated
         (``gateway.translation``). ``on_served``: awaited with the worker once it has served the request
-        (a status below 400), after the router's own bookkeeping (``Router.routed``)."""
+        (a status below 400), after the router's own bookkeeping (``Router.routed``). ``kv_pins``: what
+        our engine workers retain (``gateway.retention``; default: the body's ``prompt_cache_retention``)."""
+        if kv_pins is None and req.kind != "generate":
+            kv_pins = openai_pins(req.body, self.router.routing.max_retention_s)
         body, strip_usage = upstream_body(req)
         tried: set[str] = set()
         answered_5xx: list[Worker] = []  # charged only if another worker serves the request
@@ -101,6 +113,7 @@ class Dispatcher:
             for attempt in range(self.max_retries + 1):
                 decision = await self.router.choose(req, exclude=tried)
                 worker = decision.worker
+                pins = kv_pins if worker.kind == "prefixgate" else None  # other servers keep their policy
                 leg = (
                     await self.disaggregation.arrange(req, decision, body)
                     if self.router.disaggregated
@@ -111,8 +124,8 @@ class Dispatcher:
                     body=leg.body
                     if leg is not None
                     else body
-                    if decision.fetch is None
-                    else upstream_body(req, decision.fetch)[0],
+                    if decision.fetch is None and not pins
+                    else upstream_body(req, decision.fetch, pins)[0],
                     request_id=req.request_id,
                     received=req.received,
                     strip_usage=strip_usage,
@@ -197,6 +210,7 @@ class Dispatcher:
                 tpot_s=RequestRecord.time_per_output_token(relayed.ttft_s, latency_s, completion_tokens),
                 fetch_source=decision.fetch.source if decision.fetch else None,
                 fetch_planned_tokens=decision.fetch.tokens if decision.fetch else 0,
+                kv_fetch=usage.kv_fetch,
                 prefill_worker=leg.prefill_worker.worker_id if leg and leg.prefill_worker else None,
                 pd_path=leg.path if leg is not None else None,
             ),

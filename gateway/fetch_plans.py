@@ -8,8 +8,12 @@ balancing, a session pin, A excluded from the candidates), the gateway attaches 
   layouts (model, dtype, shape, page size), since pages are exchanged byte for byte;
 * A is healthy and has not failed this request already (a dead source costs B a timeout before it
   falls back);
-* the blocks B would receive come to at least ``kv_fetch_min_tokens`` tokens: below that, recomputing
-  them costs about what the transfer's round trips do, and the plan is not worth its bytes.
+* the blocks B would receive come to at least ``kv_fetch_min_tokens`` tokens (a floor: below it a plan
+  is not worth its round trips whatever the measurements say);
+* moving them is estimated cheaper than recomputing them on B (``fetch_pays``): their bytes (from the
+  KV layout) over B's measured fetch throughput plus its measured per-fetch round trip, against the
+  tokens over B's measured prefill rate (``GET /kv_transfer/info``'s ``fetch_cost``, ``GET
+  /load_profile``). Until B has measured both, the token floor decides alone.
 
 Tenants never cross: the plan's hashes are the prompt's chain in the tenant's namespace (its salt), the
 only chain the index was asked about, so only a holder of *this tenant's* blocks can be a source; the
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
 OUTCOMES = (
     "attached",  # a plan goes with the request
     "below_min",  # the blocks to move come to fewer than kv_fetch_min_tokens
+    "not_cheaper",  # by the target's measurements, recomputing them is at least as fast as moving them
     "not_enabled",  # the chosen worker or every longer holder runs without --kv-transfer
     "layout_mismatch",  # no longer holder has the chosen worker's KV layout
     "source_unhealthy",  # every compatible longer holder is down or already failed this request
@@ -111,8 +116,23 @@ def plan_fetch(
     tokens = (blocks - held) * ps
     if tokens < min_tokens:
         return "below_min", None
+    if not fetch_pays(target, tokens):
+        return "not_cheaper", None
     plan = FetchPlan(plan_id, source.url, tuple(hashes[:blocks]), blocks, expires_at_ms, namespace)
     return "attached", PlannedFetch(plan, source.worker_id, tokens)
+
+
+def fetch_pays(target: Worker, tokens: int) -> bool:
+    """Whether ``target`` would get ``tokens`` prompt tokens' KV from a peer sooner than it computes it:
+    ``round_trip + bytes / bandwidth < tokens / prefill rate``, on its own measurements (the link as its
+    fetches saw it, its prefill rate over its forward passes). True while any is unmeasured: the caller's
+    token floor then decides alone."""
+    cost, profile, per_token = target.kv_fetch_cost, target.load_profile, target.kv_bytes_per_token
+    rate = profile.prefill_tokens_per_s if profile is not None else None
+    fetch_s = cost.seconds(tokens * per_token) if cost is not None and per_token is not None else None
+    if fetch_s is None or rate is None:
+        return True
+    return fetch_s < tokens / rate
 
 
 def _blocks(matches: Mapping[str, MatchResult], worker: Worker) -> int:

@@ -9,16 +9,18 @@ Tools: client tools (``name``, ``description``, ``input_schema``) become chat fu
 as the arguments' JSON), a user's ``tool_result`` blocks ``tool`` messages (before the turn's text, as
 Anthropic requires them first).
 
-``cache_control`` breakpoints (``{"type": "ephemeral", "ttl": "5m" | "1h"}``) are honoured as session
-pins: the prefix up to the first breakpoint (the stable part: tools, system prompt, shared context, in
-Anthropic's order) names the
-session, and once a worker has served it the session stays pinned there for the longest breakpoint ttl,
-so later requests sharing that prefix go where it is cached. The engine's prefix cache itself is LRU: the
-pin steers requests, it does not hold pages in the engine.
+``cache_control`` breakpoints (``{"type": "ephemeral", "ttl": "5m" | "1h"}``) are honoured twice. As
+session pins: the prefix up to the first breakpoint (the stable part: tools, system prompt, shared
+context, in Anthropic's order) names the session, and once a worker has served it the session stays
+pinned there for the longest breakpoint ttl, so later requests sharing that prefix go where it is cached.
+And as retention pins in our engine workers (``gateway.retention``): the prompt's tokens up to each
+breakpoint (the longest common prefix of the prompt and the conversation cut after that block, rendered
+and tokenized as the worker does) are held in the worker's cache for that ttl.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from typing import Any
@@ -27,12 +29,16 @@ import orjson
 from aiohttp import web
 
 from cache.api.errors import ApiError, bad_request
+from cache.api.requests import chat_prompt_ids
 from gateway.handlers import prepare, read_request
 from gateway.messages_translator import MessagesTranslator, anthropic_error
+from gateway.retention import breakpoint_pins, common_prefix
 from gateway.router import Router
+from gateway.state import GatewayState
 from gateway.workers import Worker
 
 CACHE_TTLS_S = {"5m": 300.0, "1h": 3600.0}
+MAX_BREAKPOINTS = 4  # Anthropic's bound on blocks with cache_control
 # The content blocks each turn may hold, and their required fields.
 _BLOCKS = {"system": ("text",), "user": ("text", "tool_result"), "assistant": ("text", "tool_use")}
 _FIELDS: dict[str, dict[str, type]] = {
@@ -149,19 +155,17 @@ def _ttl_s(block: dict[str, Any], where: str) -> float | None:
     return CACHE_TTLS_S[ttl]
 
 
-def translate(body: dict[str, Any]) -> tuple[dict[str, Any], str | None, float]:
-    """The chat body for a Messages request; the session its first ``cache_control`` breakpoint names
-    (None without one) and the longest breakpoint ttl in seconds (0 without one). A top-level
-    ``cache_control`` (automatic caching) is a breakpoint on the last block."""
-    max_tokens = body.get("max_tokens")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise bad_request("'max_tokens' is required: a positive integer", "max_tokens")
+Turns = list[tuple[str, list[dict[str, Any]]]]  # ("tools" | "system" | "user" | "assistant", blocks)
+
+
+def _turns(body: dict[str, Any]) -> tuple[Turns, list[dict[str, Any]] | None]:
+    """The request's turns in the cache's order (tools, system, messages) and its chat tools."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad_request("'messages' must be a non-empty array", "messages")
     tools = body.get("tools") or []
     chat_tools = _chat_tools(tools) if tools else None  # checked before their cache_control is read
-    turns: list[tuple[str, list[dict[str, Any]]]] = [("tools", tools)] if tools else []
+    turns: Turns = [("tools", tools)] if tools else []
     if body.get("system") is not None:
         turns.append(("system", _blocks(body["system"], "system", "system")))
     for i, message in enumerate(messages):
@@ -169,9 +173,40 @@ def translate(body: dict[str, Any]) -> tuple[dict[str, Any], str | None, float]:
             raise bad_request(f"messages[{i}].role must be 'user' or 'assistant'", "messages")
         role = message["role"]
         turns.append((role, _blocks(message.get("content"), f"messages[{i}].content", role)))
+    return turns, chat_tools
+
+
+def _chat_of(turns: Turns) -> list[dict[str, Any]]:
+    return [m for role, blocks in turns if role != "tools" for m in _chat_messages(role, blocks)]
+
+
+def breakpoints(body: dict[str, Any]) -> list[tuple[list[dict[str, Any]] | None, float]]:
+    """Each ``cache_control`` breakpoint of a request ``translate`` accepted: the chat messages of the
+    conversation cut after its block (None for the top-level one: the whole prompt) and its ttl."""
+    turns, _ = _turns(body)
+    out: list[tuple[list[dict[str, Any]] | None, float]] = []
+    for t, (role, blocks) in enumerate(turns):
+        for b, block in enumerate(blocks):
+            ttl = _ttl_s(block, role)
+            if ttl is not None:
+                out.append((_chat_of([*turns[:t], (role, blocks[: b + 1])]), ttl))
+    ttl = _ttl_s(body, "cache_control")
+    if ttl is not None:
+        out.append((None, ttl))
+    return out
+
+
+def translate(body: dict[str, Any]) -> tuple[dict[str, Any], str | None, float]:
+    """The chat body for a Messages request; the session its first ``cache_control`` breakpoint names
+    (None without one) and the longest breakpoint ttl in seconds (0 without one). A top-level
+    ``cache_control`` (automatic caching) is a breakpoint on the last block."""
+    max_tokens = body.get("max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise bad_request("'max_tokens' is required: a positive integer", "max_tokens")
+    turns, chat_tools = _turns(body)
     prefix: list[Any] = []  # what every block up to the first breakpoint says, in the cache's order
     session: str | None = None
-    ttl_s = 0.0
+    ttl_s, marks = 0.0, 0
     for role, blocks in turns:
         for block in blocks:
             if role != "tools" and block["type"] == "text":
@@ -181,15 +216,17 @@ def translate(body: dict[str, Any]) -> tuple[dict[str, Any], str | None, float]:
             ttl = _ttl_s(block, role)
             if ttl is not None:
                 session = session or "cache_control:" + hashlib.sha256(orjson.dumps(prefix)).hexdigest()
-                ttl_s = max(ttl_s, ttl)
+                ttl_s, marks = max(ttl_s, ttl), marks + 1
     ttl = _ttl_s(body, "cache_control")  # automatic caching: a breakpoint on the last block
     if ttl is not None:
         session = session or "cache_control:" + hashlib.sha256(orjson.dumps(prefix)).hexdigest()
-        ttl_s = max(ttl_s, ttl)
-    chat: dict[str, Any] = {
-        "messages": [m for role, blocks in turns if role != "tools" for m in _chat_messages(role, blocks)],
-        "max_tokens": max_tokens,
-    }
+        ttl_s, marks = max(ttl_s, ttl), marks + 1
+    if marks > MAX_BREAKPOINTS:  # each one costs a tokenization (``breakpoints``)
+        raise bad_request(
+            f"a maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided, found {marks}",
+            "cache_control",
+        )
+    chat: dict[str, Any] = {"messages": _chat_of(turns), "max_tokens": max_tokens}
     if chat_tools:
         chat["tools"] = chat_tools
     if body.get("tool_choice") is not None:
@@ -222,9 +259,36 @@ async def _create_message(request: web.Request) -> web.StreamResponse:
     user = metadata.get("user_id") if isinstance(metadata, dict) else None
     req = await prepare(request, state, tenant, "chat", chat, session_id=session or user)
     translator = MessagesTranslator(chat["model"], len(req.prompt_ids), breakpoints=session is not None)
+    kv_pins = await _retention(state, body, chat, req.prompt_ids) if session else []
 
     async def pin(worker: Worker) -> None:
         # After Router.routed's own pin (routing.session_ttl_s): this one lasts as long as the breakpoint.
         await state.shared.pin_session(Router._session_key(req), worker.worker_id, ttl_s)
 
-    return await state.dispatcher.dispatch(request, req, translator, pin if session else None)
+    return await state.dispatcher.dispatch(request, req, translator, pin if session else None, kv_pins)
+
+
+async def _retention(
+    state: GatewayState, body: dict[str, Any], chat: dict[str, Any], prompt_ids: list[int]
+) -> list[dict[str, Any]]:
+    """The ``kv_pin`` for the request's breakpoints: each one's prefix of the prompt, in tokens. Skipped
+    when no worker runs our engine (or retention is off): it costs a tokenization per breakpoint."""
+    max_s = state.router.routing.max_retention_s
+    if max_s <= 0 or not any(w.kind == "prefixgate" for w in state.pool):
+        return []
+
+    def prefix_tokens(messages: list[dict[str, Any]] | None) -> int:
+        if messages is None:  # the top-level breakpoint: the whole prompt
+            return len(prompt_ids)
+        try:
+            cut = chat_prompt_ids(state.tokenizer, messages, chat.get("tools"))
+        except ApiError:  # a cut the template cannot render (a breakpoint on a tool alone): no pin
+            return 0
+        return common_prefix(cut, prompt_ids)
+
+    loop = asyncio.get_running_loop()
+    points = [
+        (await loop.run_in_executor(state.tokenize_pool, prefix_tokens, messages), ttl_s)
+        for messages, ttl_s in breakpoints(body)
+    ]
+    return breakpoint_pins(points, max_s)

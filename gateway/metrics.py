@@ -2,6 +2,9 @@
 
 Names are documented in docs/metrics.md; hit rate = cached / prompt tokens, predicted (from the
 index, at routing time) and actual (from the worker's ``usage.prompt_tokens_details.cached_tokens``).
+Tokens a worker fetched from a peer (a fetch plan, docs/kv-transfer.md) are in its cached tokens but
+were never predicted on it: they are counted as their own kind (``kv_fetched_tokens``), so that
+``actual - fetched`` against ``predicted`` measures the index alone.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from dataclasses import asdict, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from cache.api.replies import KVFetch
 from cache.index.radix_index import IndexStats
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 # Per output token: time per output token (per request) and inter-token latency (per stream chunk).
 TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
-# The bucket bounds /stats and the cluster counters use for TTFT and TPOT (same as the histograms).
-HISTOGRAM_BOUNDS = {"ttft": _LATENCY_BUCKETS, "tpot": TOKEN_BUCKETS}
+_FETCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# The bucket bounds /stats and the cluster counters use for TTFT, TPOT and KV fetch time (as the histograms).
+HISTOGRAM_BOUNDS = {"ttft": _LATENCY_BUCKETS, "tpot": TOKEN_BUCKETS, "kv_fetch": _FETCH_BUCKETS}
 CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer ended
 
 
@@ -47,11 +52,26 @@ class RequestRecord:
     tpot_s: float | None = None  # (latency - ttft) / (completion_tokens - 1), streamed requests only
     fetch_source: str | None = None  # the peer a kv_fetch_plan named (``gateway.fetch_plans``)
     fetch_planned_tokens: int = 0  # prompt tokens the plan should bring (counted in cached_tokens if it did)
+    kv_fetch: KVFetch | None = None  # what the worker reported of the fetch it ran (usage)
     prefill_worker: str | None = None  # disaggregation: the worker that prefilled the prompt
     pd_path: str | None = None  # disaggregation: "remote", "local" or "fallback" (gateway.disaggregation)
     # of predicted_cached_tokens, those whose fastest copy on the worker is in its host / disk tier
     predicted_host_tokens: int = 0
     predicted_disk_tokens: int = 0
+
+    def fetched_tokens(self) -> int:
+        """Prompt tokens the worker fetched from a peer, as it reported them; a worker that ran a plan
+        without saying is credited with what its cached tokens exceed the prediction by, up to the plan."""
+        if self.cached_tokens is None:
+            return 0
+        if self.kv_fetch is not None:
+            return min(self.kv_fetch.tokens, self.cached_tokens)
+        surplus = self.cached_tokens - self.predicted_cached_tokens
+        return max(0, min(self.fetch_planned_tokens, surplus))
+
+    @property
+    def kv_fetch_s(self) -> float | None:
+        return self.kv_fetch.seconds if self.kv_fetch is not None else None
 
     def predicted_by_tier(self) -> dict[str, int]:
         host, disk = self.predicted_host_tokens, self.predicted_disk_tokens
@@ -173,6 +193,22 @@ class GatewayMetrics:
             "Prompt tokens attached fetch plans asked workers to pull from a peer",
             registry=r,
         )
+        self.kv_fetched_tokens = Counter(
+            "prefixgate_kv_fetched_tokens",
+            "Prompt tokens workers reported fetched from a peer (counted in prefixgate_cached_tokens_actual)",
+            registry=r,
+        )
+        self.kv_fetch_recomputed_tokens = Counter(
+            "prefixgate_kv_fetch_recomputed_tokens",
+            "Prompt tokens attached fetch plans named that the worker recomputed (the fetch fell short)",
+            registry=r,
+        )
+        self.kv_fetch_seconds = Histogram(
+            "prefixgate_kv_fetch_seconds",
+            "Time a worker spent fetching a plan's KV from a peer before its prefill, as it reported it",
+            buckets=_FETCH_BUCKETS,
+            registry=r,
+        )
         self.pd_requests = Counter(
             "prefixgate_pd_requests",
             "Requests to a disaggregated pool by path: prefilled on a prefill worker (remote), by the decode "
@@ -233,8 +269,21 @@ class GatewayMetrics:
                 t["cached_tokens"] += rec.cached_tokens
                 self.cached_actual.inc(rec.cached_tokens)
                 self.prompt_tokens_reported.inc(rec.prompt_tokens)
+                self._record_fetch(rec)
             t["completion_tokens"] += rec.completion_tokens
             self.completion_tokens.inc(rec.completion_tokens)
+
+    def _record_fetch(self, rec: RequestRecord) -> None:
+        """The fetched tokens of a request whose worker reported usage, and what its plan left to recompute."""
+        t, fetched = self.totals, rec.fetched_tokens()
+        t["kv_fetched_tokens"] += fetched
+        self.kv_fetched_tokens.inc(fetched)
+        recomputed = max(0, rec.fetch_planned_tokens - fetched)
+        t["kv_fetch_recomputed_tokens"] += recomputed
+        self.kv_fetch_recomputed_tokens.inc(recomputed)
+        if (seconds := rec.kv_fetch_s) is not None:
+            self.kv_fetch_seconds.observe(seconds)
+            t[bucket_key("kv_fetch", seconds)] += 1
 
     def fetch_plan(self, outcome: str, planned_tokens: int) -> None:
         """One routing decision where a peer held more of the prompt (``gateway.fetch_plans.OUTCOMES``)."""
@@ -263,6 +312,7 @@ class GatewayMetrics:
             "cached_tokens": t["cached_tokens"],
             "predicted_cached_tokens": t["predicted_cached_tokens"],
             "predicted_cached_tokens_by_tier": cached_by_tier(t),
+            "prompt_tokens_by_source": prompt_sources(t),
             **hit_rates(t),
             "prompt_tokens_saved": t["cached_tokens"],
             **latency_percentiles(self.recent),
@@ -271,11 +321,13 @@ class GatewayMetrics:
             "pd_paths": dict(self.pd_paths),  # disaggregation: path -> requests (gateway.disaggregation)
             "kv_fetch_plans": dict(self.fetch_outcomes),  # outcome -> decisions (gateway.fetch_plans)
             "kv_fetch_planned_tokens": self.fetch_planned_tokens,
+            "kv_fetched_tokens": t["kv_fetched_tokens"],
+            "kv_fetch_recomputed_tokens": t["kv_fetch_recomputed_tokens"],
             "uptime_s": time.time() - self.started,
         }
 
     def recent_requests(self, limit: int = 50) -> list[dict]:
-        return [asdict(r) for r in list(self.recent)[-limit:]]
+        return [{**asdict(r), "fetched_tokens": r.fetched_tokens()} for r in list(self.recent)[-limit:]]
 
 
 def hit_rates(totals: Mapping[str, int]) -> dict[str, float]:
@@ -285,6 +337,19 @@ def hit_rates(totals: Mapping[str, int]) -> dict[str, float]:
     return {
         "hit_rate_actual": totals.get("cached_tokens", 0) / reported if reported else 0.0,
         "hit_rate_predicted": totals.get("predicted_cached_tokens", 0) / prompt if prompt else 0.0,
+        # of the actual hit rate, the share fetched from peers (never predicted on the chosen worker)
+        "hit_rate_fetched": totals.get("kv_fetched_tokens", 0) / reported if reported else 0.0,
+    }
+
+
+def prompt_sources(totals: Mapping[str, int]) -> dict[str, int]:
+    """Where the prompt tokens of requests whose worker reported usage came from: its own cache
+    (``cached``), a peer's (``fetched``: a fetch plan), or its forward passes (``computed``)."""
+    cached, fetched = totals.get("cached_tokens", 0), totals.get("kv_fetched_tokens", 0)
+    return {
+        "cached": cached - fetched,
+        "fetched": fetched,
+        "computed": max(0, totals.get("reported_prompt_tokens", 0) - cached),
     }
 
 
@@ -303,11 +368,12 @@ def bucket_key(histogram: str, value: float) -> str:
 
 
 def latency_percentiles(records: Iterable[RequestRecord]) -> dict[str, float | int | None]:
-    """Exact TTFT and TPOT percentiles of ``records`` (nearest rank over the recorded values), and how many
-    values each is over: only streamed requests have a TTFT (a whole answer arrives at once), and only
-    those with two or more output tokens a TPOT."""
+    """Exact TTFT, TPOT and KV fetch time percentiles of ``records`` (nearest rank over the recorded
+    values), and how many values each is over: only streamed requests have a TTFT (a whole answer arrives
+    at once), only those with two or more output tokens a TPOT, and only those whose worker ran a fetch
+    plan and reported it a fetch time."""
     out: dict[str, float | int | None] = {}
-    for name in ("ttft", "tpot"):
+    for name in HISTOGRAM_BOUNDS:  # ttft, tpot, kv_fetch (requests that ran a fetch plan)
         values = sorted(v for r in records if (v := getattr(r, f"{name}_s")) is not None)
         out.update({f"{name}_p{round(q * 100)}_s": _pct(values, q) for q in (0.5, 0.9, 0.99)})
         out[f"{name}_samples"] = len(values)

@@ -3,6 +3,7 @@
 A request becomes a chat-completions body (``instructions`` as the system message, the chain behind
 ``previous_response_id`` expanded from the ``ResponseStore``, then ``input``), which is parsed, hashed and
 routed like any chat request: a chained request routes to where its whole conversation is cached.
+``prompt_cache_retention`` travels in the chat body, where the dispatcher reads it (``gateway.retention``).
 Function tools become chat tools; ``function_call`` input items become the assistant's ``tool_calls``
 (merged into the assistant message just before them, as the answer that made them is stored) and
 ``function_call_output`` items ``tool`` messages, so a replayed conversation renders as the chained one. The
@@ -112,7 +113,7 @@ def chat_body(body: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, 
         raise bad_request("'input' is required", "input")
     system = [{"role": "system", "content": instructions}] if instructions else []
     chat: dict[str, Any] = {"messages": system + history + input_messages(body["input"])}
-    for name in ("model", "stream", "parallel_tool_calls", *_SAMPLING):
+    for name in ("model", "stream", "parallel_tool_calls", "prompt_cache_retention", *_SAMPLING):
         if body.get(name) is not None:
             chat[name] = body[name]
     if body.get("tools"):

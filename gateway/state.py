@@ -25,6 +25,7 @@ from cache.index.zmq_consumer import KVEventConsumer
 from cache.planning.pd_advice import SLO
 from cache.prompt.model_files import model_path
 from cache.prompt.tokenizer import Tokenizer
+from cache.wire.tiers import Tier
 from gateway.config import GatewayConfig
 from gateway.dashboard import Dashboard, drop_dashboard_counters
 from gateway.discovery import DnsWorkers
@@ -283,11 +284,15 @@ class GatewayState:
 
     async def stats(self, since: float | None = None) -> dict:
         """``since``: also return the per-second history samples newer than this (0 = all of it)."""
-        per_worker = self.store.index.stats().per_worker
+        per_worker, policy = self.store.index.stats().per_worker, self.router.policy
         workers = []
         for w in self.pool:
             held = per_worker.get(w.worker_id, TierBlocks(0, 0, 0))._asdict()
-            workers.append({**w.describe(), **{f"index_{tier}_blocks": n for tier, n in held.items()}})
+            # what routing counts a lower-tier hit on it worth (measured, else --host-tier-weight)
+            weights = {"host": policy.tier_weight(w, Tier.HOST), "disk": policy.tier_weight(w, Tier.DISK)}
+            workers.append(
+                {**w.describe(), **{f"index_{t}_blocks": n for t, n in held.items()}, "hit_weights": weights}
+            )
         shared_counters = drop_dashboard_counters(await self.shared.counters())
         out = {
             "policy": self.router.policy.name,

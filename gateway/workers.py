@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -19,6 +20,7 @@ import aiohttp
 import orjson
 
 from cache.index.rekey import gateway_block_size
+from cache.planning.fetch_cost import FetchCost
 from cache.planning.load_profile import LoadProfile
 from cache.wire.hashing import HASH_SCHEME
 from gateway.event_sources import EventSource, from_sglang_config, on_worker_host
@@ -60,6 +62,7 @@ class Worker:
     # KV transfer (``--kv-transfer``): its KV layout as ``GET /kv_transfer/info`` shows it, None without;
     # two workers exchange pages only when theirs are equal (``gateway.fetch_plans``).
     kv_layout: tuple[tuple[str, str | int], ...] | None = None
+    kv_fetch_cost: FetchCost | None = None  # what its fetches from peers measured (same answer, every check)
     healthy: bool = False
     in_flight: int = 0
     reported_load: int = 0  # running + waiting as the worker last reported it
@@ -84,6 +87,14 @@ class Worker:
     @property
     def available(self) -> bool:
         return self.healthy and time.monotonic() >= self.circuit_open_until
+
+    @property
+    def kv_bytes_per_token(self) -> int | None:
+        """KV bytes one token's pages hold (K and V of every layer), from its ``kv_layout``; None without."""
+        layout = dict(self.kv_layout or ())
+        names = ("layers", "kv_heads", "head_dim", "element_bytes")
+        dims = [d for name in names if isinstance(d := layout.get(name), int) and d > 0]
+        return 2 * math.prod(dims) if len(dims) == len(names) else None
 
     @property
     def kv_events_endpoint(self) -> str | None:
@@ -119,6 +130,7 @@ class Worker:
             "routed": self.routed,
             "kv_events": self.kv_events_endpoint,
             "kv_transfer": self.kv_layout is not None,
+            "kv_fetch_cost": self.kv_fetch_cost.to_json() if self.kv_fetch_cost is not None else None,
             "context_length": self.context_length,
             "instance_id": self.instance_id,
             # in index blocks (``page_size`` tokens), as the index counts what it holds
@@ -202,8 +214,10 @@ class WorkerPool:
         worker.page_size = (
             worker.engine_page_size if worker.own_hashes else gateway_block_size(worker.engine_page_size)
         )
-        transfer = await self._get_json(worker, "/kv_transfer/info") if worker.kind == "prefixgate" else None
-        worker.kv_layout = _kv_layout(transfer)
+        if worker.kind == "prefixgate":
+            await self._read_transfer_info(worker)
+        else:
+            worker.kv_layout = worker.kv_fetch_cost = None
         models, models_problem = await self._request("GET", worker, "/v1/models", _PROBE_TIMEOUT, json=True)
         data = models.get("data") if isinstance(models, dict) else None
         if (
@@ -247,6 +261,8 @@ class WorkerPool:
                 worker.external_load = max(0, worker.reported_load - worker.in_flight)
             if problem is None and worker.kind == "prefixgate":
                 worker.load_profile = LoadProfile.from_json(await self._get_json(worker, "/load_profile"))
+                if worker.kv_layout is not None:  # its fetches' measurements move
+                    await self._read_transfer_info(worker, refresh=True)
         else:
             _, problem = await self._request("GET", worker, "/v1/models", _PROBE_TIMEOUT)
         ok = problem is None
@@ -312,6 +328,18 @@ class WorkerPool:
         return {w.worker_id: ok for w, ok in zip(native, results, strict=True)}
 
     # -- helpers -------------------------------------------------------------------------------------
+    async def _read_transfer_info(self, worker: Worker, refresh: bool = False) -> None:
+        """Our engine's ``GET /kv_transfer/info``: its KV layout (None: transfer off, a 404) and what
+        its fetches measured (``cache.planning.fetch_cost``; None when not well-formed). ``refresh``: a
+        health check's re-read, where an answer that did not come keeps what is known (a layout only
+        changes with a restart, which the probe reads)."""
+        info = await self._get_json(worker, "/kv_transfer/info")
+        if refresh and not isinstance(info, dict):
+            return
+        worker.kv_layout = _kv_layout(info)
+        cost = info.get("fetch_cost") if isinstance(info, dict) and worker.kv_layout is not None else None
+        worker.kv_fetch_cost = FetchCost.from_json(cost)
+
     async def _get_json(self, worker: Worker, path: str) -> dict | list | None:
         answer, _ = await self._request("GET", worker, path, _PROBE_TIMEOUT, json=True)
         return answer if isinstance(answer, dict | list) else None

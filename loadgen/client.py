@@ -49,6 +49,7 @@ class RequestRecord:
     usage_output_tokens: int | None = None  # usage.completion_tokens
     prompt_tokens: int | None = None  # usage.prompt_tokens
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens
+    kv_fetched_tokens: int | None = None  # of those, fetched from a peer worker (our engine's usage)
     generated_text: str = ""
     expected_prompt_tokens: int | None = None  # filled after the run from the rendered prompt
     reusable_tokens: int | None = None  # what an ideal prefix cache could serve (reuse.py)
@@ -108,6 +109,7 @@ class RequestRecord:
             "usage_output_tokens": self.usage_output_tokens,
             "prompt_tokens": self.prompt_tokens,
             "cached_tokens": self.cached_tokens,
+            "kv_fetched_tokens": self.kv_fetched_tokens,
             "expected_prompt_tokens": self.expected_prompt_tokens,
             "reusable_tokens": self.reusable_tokens,
             "chunk_offsets_s": self.chunk_offsets_s,
@@ -122,6 +124,8 @@ def _read_usage(record: RequestRecord, usage: Usage) -> None:
         record.prompt_tokens = usage.prompt_tokens
     if usage.cached_tokens is not None:
         record.cached_tokens = usage.cached_tokens
+    if usage.kv_fetch is not None:
+        record.kv_fetched_tokens = usage.kv_fetch.tokens
 
 
 async def stream_request(

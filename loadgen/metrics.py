@@ -10,7 +10,10 @@ Per successful request (``client.RequestRecord``):
 Aggregates: mean, median, std and ``np.percentile`` (linear interpolation) in ms, 0 for an empty list
 (their ``np.mean(x or 0)``); throughputs divide by the benchmark duration; goodput = requests meeting
 every SLO (``value <= slo``) per second (vLLM ``request_goodput``); concurrency = sum(E2E) / duration
-(SGLang); cache-hit rate = sum(cached_tokens) / sum(prompt_tokens) from usage.
+(SGLang); cache-hit rate = sum(cached_tokens) / sum(prompt_tokens) from usage; recomputed tokens =
+sum(prompt_tokens - cached_tokens), and of the cached ones those a worker fetched from a peer (our
+engine's ``usage.prompt_tokens_details.kv_fetched_tokens``, docs/kv-transfer.md; None when no worker
+reported any).
 """
 
 from __future__ import annotations
@@ -149,6 +152,12 @@ def compute_metrics(
     result["total_cached_tokens"] = cached_total
     result["cached_tokens_reported"] = sum(1 for r in with_usage if r.cached_tokens is not None)
     result["cache_hit_rate"] = cached_total / prompt_total if prompt_total else None
+    result["total_recomputed_tokens"] = sum(
+        max(0, (r.prompt_tokens or 0) - r.cached_tokens) for r in with_usage if r.cached_tokens is not None
+    )
+    fetched = [r.kv_fetched_tokens for r in with_usage if r.kv_fetched_tokens is not None]
+    result["total_kv_fetched_tokens"] = sum(fetched) if fetched else None
+    result["kv_fetches_reported"] = len(fetched)
 
     lateness = [r.lateness_s for r in measured if r.lateness_s is not None]
     result["mean_lateness_ms"] = float(np.mean(lateness) * 1000.0) if lateness else None

@@ -24,6 +24,8 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
     ("Output token throughput (tok/s)", "output_throughput", "{:.2f}"),
     ("Concurrency", "concurrency", "{:.2f}"),
     ("Cache hit rate", "cache_hit_rate", "{:.3f}"),
+    ("Recomputed prompt tokens", "total_recomputed_tokens", "{:d}"),
+    ("Fetched prompt tokens (KV from a peer)", "total_kv_fetched_tokens", "{:d}"),
     ("Reusable fraction (ideal cache)", "reusable_fraction", "{:.3f}"),
     ("Mean TTFT (ms)", "mean_ttft_ms", "{:.2f}"),
     ("Median TTFT (ms)", "median_ttft_ms", "{:.2f}"),
@@ -45,6 +47,8 @@ TABLE_ROWS: tuple[tuple[str, str, str], ...] = (
 COMPARE_KEYS: tuple[str, ...] = (
     "cache_hit_rate",
     "reusable_fraction",
+    "total_recomputed_tokens",
+    "total_kv_fetched_tokens",
     "request_throughput",
     "output_throughput",
     "goodput",
@@ -97,7 +101,7 @@ def compare_rows(
 def format_compare_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
     labels = [label for label, _ in runs]
     width = max(14, *(len(label) + 10 for label in labels))
-    header = f"{'metric':<20}" + "".join(f"{label:>{width}}" for label in labels)
+    header = f"{'metric':<24}" + "".join(f"{label:>{width}}" for label in labels)
     lines = [f"Comparison (value, ratio to {labels[0]})", header, "-" * len(header)]
     for row in compare_rows(runs):
         cells = []
@@ -105,7 +109,7 @@ def format_compare_table(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
             value, r = row["values"][label], row["ratios"][label]
             cell = "n/a" if value is None else f"{value:.3g}" + ("" if r is None else f" ({r:.2f}x)")
             cells.append(f"{cell:>{width}}")
-        lines.append(f"{row['metric']:<20}" + "".join(cells))
+        lines.append(f"{row['metric']:<24}" + "".join(cells))
     return "\n".join(lines)
 
 

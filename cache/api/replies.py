@@ -1,12 +1,13 @@
 """Replies, SSE chunks and usage, as OpenAI and SGLang servers send them: the one reader of answers.
 
-The gateway's proxy reads usage (``cached_tokens``) and text on the way through; the load generator
+The gateway's proxy reads usage (``cached_tokens``, and our engine's ``kv_fetched_tokens``) and text on the way through; the load generator
 reads the same fields to measure. Both use these functions, so "what a worker reported" means the same
 thing on both sides. Upstreams are not trusted: a field of the wrong type reads as absent, never raises.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,12 +17,23 @@ DONE = b"[DONE]"
 
 
 @dataclass(frozen=True)
+class KVFetch:
+    """What our engine reports of a fetch plan it ran before the prefill (docs/kv-transfer.md):
+    ``prompt_tokens_details.kv_fetched_tokens`` and ``kv_fetch_seconds`` (SGLang's API: the same names in
+    ``meta_info``), present only when the request carried a plan; clients that do not know them ignore them."""
+
+    tokens: int  # prompt tokens whose KV came from the peer (they are counted in cached_tokens too)
+    seconds: float | None = None  # the fetch's time, success or not; None: not reported
+
+
+@dataclass(frozen=True)
 class Usage:
     """Token counts a worker reported; None where it did not say (or said something that is not a count)."""
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None  # prompt tokens served from the prefix cache
+    kv_fetch: KVFetch | None = None  # the worker fetched part of the prompt's KV from a peer
 
 
 class BadChunk(ValueError):
@@ -153,16 +165,31 @@ def reply_usage(reply: dict[str, Any]) -> Usage | None:
     usage = reply.get("usage")
     if isinstance(usage, dict) and usage:
         details = usage.get("prompt_tokens_details")
-        cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
-        return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), cached)
+        details = details if isinstance(details, dict) else {}
+        return Usage(
+            _count(usage.get("prompt_tokens")),
+            _count(usage.get("completion_tokens")),
+            _count(details.get("cached_tokens")),
+            _kv_fetch(details),
+        )
     meta = reply.get("meta_info")
     if isinstance(meta, dict) and meta:
         return Usage(
             _count(meta.get("prompt_tokens")),
             _count(meta.get("completion_tokens")),
             _count(meta.get("cached_tokens")),
+            _kv_fetch(meta),
         )
     return None
+
+
+def _kv_fetch(fields: dict[str, Any]) -> KVFetch | None:
+    tokens = _count(fields.get("kv_fetched_tokens"))
+    if tokens is None:
+        return None
+    seconds = fields.get("kv_fetch_seconds")
+    valid = isinstance(seconds, int | float) and not isinstance(seconds, bool) and math.isfinite(seconds)
+    return KVFetch(tokens, float(seconds) if valid and seconds >= 0 else None)
 
 
 def _count(value: Any) -> int | None:

@@ -55,6 +55,8 @@ MAX_CACHE_SALT_CHARS = 256  # the engine keeps a prefix-cache root per salt whil
 MAX_RID_CHARS = 256
 MAX_FETCH_PLAN_BLOCKS = 8192  # a fetch plan names at most this many blocks (128k tokens of 16-token pages)
 MAX_FETCH_ENDPOINT_CHARS = 512
+MAX_KV_PINS = 4  # Anthropic's bound on cache_control breakpoints
+MAX_KV_PIN_TTL_S = 7 * 86400.0
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # JSON escapes of UTF-16 surrogates
 
 
@@ -85,6 +87,18 @@ class GenerationRequest:
     # prefill side; its answer says where the decode side pulls the prompt's KV from.
     remote_decode: bool = False
     tool_parser: str | None = None  # chat with tools: the ``cache.prompt.tool_calls`` parser for the answer
+    kv_pins: tuple[KVPin, ...] = ()  # the gateway's ``kv_pin``: prefixes to retain once prefilled
+
+
+@dataclass(frozen=True)
+class KVPin:
+    """A retention pin (body field ``kv_pin``, set by the gateway only: OpenAI's ``prompt_cache_retention``,
+    Anthropic's ``cache_control`` ttl): once the prompt is prefilled, the engine holds the cached KV of its
+    first ``tokens`` tokens (whole pages; the whole prompt when None) for ``ttl_s`` seconds, within its
+    pin budgets (``engine.kv.retention``). Other servers ignore the field."""
+
+    ttl_s: float
+    tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +174,7 @@ def parse_request(
         param,
         *get_kv_transfer(body),
         tool_parser=tools.parser,
+        kv_pins=get_kv_pins(body),
     )
 
 
@@ -491,6 +506,26 @@ def get_kv_transfer(body: dict[str, Any]) -> tuple[FetchPlan | None, bool]:
         },
         name,
     ), False
+
+
+def get_kv_pins(body: dict[str, Any], name: str = "kv_pin") -> tuple[KVPin, ...]:
+    """``kv_pin``: one ``{"ttl_s": seconds, "tokens": prompt tokens (optional)}`` or a list of at most
+    ``MAX_KV_PINS`` of them (one per cache breakpoint)."""
+    value = body.get(name)
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if len(items) > MAX_KV_PINS:
+        raise bad_request(f"'{name}' holds at most {MAX_KV_PINS} pins", name)
+    pins = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise bad_request(f"'{name}' must be an object or a list of objects", name)
+        if item.get("ttl_s") is None:
+            raise bad_request(f"'{name}.ttl_s' is required", name)
+        ttl = get_float(item, "ttl_s", 0.0, low=0.0, high=MAX_KV_PIN_TTL_S, open_low=True)
+        pins.append(KVPin(ttl, get_int(item, "tokens", None, minimum=1)))
+    return tuple(pins)
 
 
 def get_fetch_plan(body: dict[str, Any], name: str = "kv_fetch_plan") -> FetchPlan | None:

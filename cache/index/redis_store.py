@@ -193,6 +193,7 @@ class RedisIndexStore(IndexStore):
         )
         self._tail = self._tail_client()
         self._pending: deque[bytes] = deque()  # encoded ops applied locally, not yet in the log, in order
+        self._flusher: asyncio.Task | None = None  # writes _pending to the log (``_kick_flush``)
         self._resync_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._flush_lock = asyncio.Lock()
         self._epoch: str | None = None
@@ -246,6 +247,8 @@ class RedisIndexStore(IndexStore):
             if not done:
                 self._task.cancel()
                 await asyncio.wait({self._task}, timeout=grace)
+        if self._flusher is not None:
+            await asyncio.wait({self._flusher})
         if self._synced:
             await self.guard(self._flush())
         for client in (self._redis, self._tail):
@@ -259,8 +262,15 @@ class RedisIndexStore(IndexStore):
         while len(self._pending) > self.config.max_pending_ops:
             self._pending.popleft()
             self.dropped_ops += 1  # other replicas will miss this op: their views may differ until cleared
-        if self._synced:
-            await self.guard(self._flush())
+        self._kick_flush()
+
+    def _kick_flush(self) -> None:
+        """Write the queued ops to the log in the background: a request never waits on Redis (its ops are
+        in this replica's index already). Appends that arrive during a write join the next pipeline; a
+        write that fails leaves them queued (the store goes degraded and the resync writes them)."""
+        if self._synced and self._pending and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.create_task(self.guard(self._flush()))
+            self._flusher.add_done_callback(lambda _: self._kick_flush())  # ops queued as it finished
 
     # ---- for components that keep their own state on this connection (``gateway.shared_state``) ------
     @property

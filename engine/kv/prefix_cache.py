@@ -11,7 +11,8 @@ so ``roots`` never outgrows the pool (at most ``num_pages`` salted roots), howev
 
 Ownership: pages in the tree belong to the tree. A sequence that matched a prefix *locks* the path
 (``lock``), which makes those pages unevictable until it ``unlock``s. Eviction removes least
-recently used unlocked leaves, so a running request never loses a page it reads.
+recently used unlocked leaves, so a running request never loses a page it reads. A retention pin
+(``engine.kv.retention``) is a lock too, held by the pin table until it expires.
 
 Tiers (``LowerTiers``, optional): a node may also, or only, be held in host memory or on disk. A node
 on the device (``node.pages`` non-empty) has its whole path on the device, so device eviction takes
@@ -144,8 +145,12 @@ class PrefixCache:
             root.namespace = namespace
         return root
 
-    def match_prefix(self, token_ids: Sequence[int], namespace: str = "") -> tuple[list[int], Node]:
-        """Longest cached prefix of whole pages. Returns its pages and the node it ends at.
+    def match_prefix(
+        self, token_ids: Sequence[int], namespace: str = "", count_hit: bool = True
+    ) -> tuple[list[int], Node]:
+        """Longest cached prefix of whole pages. Returns its pages and the node it ends at (split so
+        that it ends where the match does). ``count_hit=False``: a look-up that is no request's hit
+        (a retention pin), which the lower tiers' write policy must not count.
 
         The node is only safe to use while locked; lock it before anything can evict.
         """
@@ -162,7 +167,7 @@ class PrefixCache:
             if matched < len(child.pages):
                 child = self._split(child, matched)
             child.last_access = now
-            if self.lower is not None:
+            if self.lower is not None and count_hit:
                 self.lower.on_hit(child)
             pages.extend(child.pages)
             node, i = child, i + len(child.key)

@@ -13,8 +13,6 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from cache.api.errors import bad_request
-from cache.api.requests import get_bool, get_token_ids, read_json
 from cache.api.sampling import SamplingParams
 from cache.wire.hashing import HASH_SCHEME
 from engine.server.state import STATE, ServerState
@@ -37,10 +35,6 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/load_profile", load_profile)
     r.add_route("GET", "/flush_cache", flush_cache)
     r.add_route("POST", "/flush_cache", flush_cache)
-    for path in ("/tokenize", "/v1/tokenize"):
-        r.add_post(path, tokenize)
-    for path in ("/detokenize", "/v1/detokenize"):
-        r.add_post(path, detokenize)
     r.add_get("/metrics", metrics)
 
 
@@ -154,39 +148,6 @@ async def flush_cache(request: web.Request) -> web.Response:
     ok = not state.tracker and not state.engine.num_requests and await state.engine.flush_cache()
     message = "Cache flushed.\n" if ok else "Cache not flushed: requests are running. Retry when idle.\n"
     return web.Response(text=message, status=200 if ok else 400)
-
-
-async def tokenize(request: web.Request) -> web.Response:
-    """``{"prompt": str | [str], "add_special_tokens": bool}`` -> ``{"tokens", "count", "max_model_len"}``."""
-    state = request.app[STATE]
-    body = await read_json(request)
-    prompt = body.get("prompt", body.get("text"))
-    special = get_bool(body, "add_special_tokens", True)
-    encode = state.tokenizer.encode
-    if isinstance(prompt, str):
-        tokens: Any = encode(prompt, add_special_tokens=special)
-        count: Any = len(tokens)
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        tokens = [encode(p, add_special_tokens=special) for p in prompt]
-        count = [len(t) for t in tokens]
-    else:
-        raise bad_request("'prompt' must be a string or a non-empty list of strings", "prompt")
-    return web.json_response({"tokens": tokens, "count": count, "max_model_len": state.info.max_model_len})
-
-
-async def detokenize(request: web.Request) -> web.Response:
-    """``{"tokens": [int] | [[int]], "skip_special_tokens": bool}`` -> ``{"text": str | [str]}``."""
-    state = request.app[STATE]
-    body = await read_json(request)
-    tokens = body.get("tokens")
-    skip = get_bool(body, "skip_special_tokens", True)
-    batched = isinstance(tokens, list) and bool(tokens) and isinstance(tokens[0], list)
-    seqs = [get_token_ids(t, "tokens") for t in tokens] if batched else [get_token_ids(tokens, "tokens")]
-    vocab_size = state.info.vocab_size
-    if any(t < 0 or t >= vocab_size for s in seqs for t in s):
-        raise bad_request(f"token ids must be in [0, {vocab_size})", "tokens")
-    texts = [state.tokenizer.decode(s, skip_special_tokens=skip) for s in seqs]
-    return web.json_response({"text": texts if batched else texts[0]})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -21,7 +21,7 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.loader import LoadedModel, load_model
-from engine.server import admin_api, openai_api, sglang_api, transfer_api
+from engine.server import admin_api, openai_api, sglang_api, tokenize_api, transfer_api
 from engine.server.kv_events import (
     KVEventPublisher,
     load_curve_secret_key,
@@ -83,6 +83,7 @@ def create_app(
     openai_api.add_routes(app)
     sglang_api.add_routes(app)
     admin_api.add_routes(app)
+    tokenize_api.add_routes(app)
     transfer_api.add_routes(app)
     return app
 

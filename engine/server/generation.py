@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from cache.api.errors import ApiError, bad_request
+from cache.api.replies import KVFetch
 from cache.api.requests import GenerationRequest
 from engine.async_engine import EngineError, GenerationChunk
 from engine.server.state import ServerState
@@ -39,14 +40,17 @@ async def generate_chunks(
     done: set[int] = set()  # choices that finished
     final: GenerationChunk | None = None
     cancelled = False
+    fetch: KVFetch | None = None
     try:
         if req.kv_fetch_plan is not None:
             try:
-                await _fetch_prefix(state, req)
+                fetch = await _fetch_prefix(state, req)
             except asyncio.CancelledError:  # the client went away during the fetch
                 cancelled = True
                 raise
-        stream = state.engine.generate(req.prompt_ids, req.sampling, request_id, req.cache_salt)
+        stream = state.engine.generate(
+            req.prompt_ids, req.sampling, request_id, req.cache_salt, kv_pins=req.kv_pins
+        )
         try:
             async for chunk in stream:
                 now = time.perf_counter()
@@ -57,6 +61,9 @@ async def generate_chunks(
                         metrics.inter_token_latency.observe((now - last[chunk.index]) / len(chunk.token_ids))
                     last[chunk.index] = now
                 completion[chunk.index] = chunk.completion_tokens
+                if fetch is not None:  # for usage; the fetched pages are matched as cached ones
+                    fetched = min(fetch.tokens, chunk.cached_tokens)
+                    chunk = replace(chunk, kv_fetch=replace(fetch, tokens=fetched))
                 if chunk.finished:
                     done.add(chunk.index)
                 final = replace(chunk, completion_tokens=sum(completion.values()))  # all choices'
@@ -85,15 +92,17 @@ async def generate_chunks(
         metrics.record_request(endpoint, final, time.perf_counter() - start, cancelled)
 
 
-async def _fetch_prefix(state: ServerState, req: GenerationRequest) -> None:
+async def _fetch_prefix(state: ServerState, req: GenerationRequest) -> KVFetch | None:
     """Pull the plan's prefix from its source before the prefill is scheduled. Never fails the
-    request: what was not fetched is recomputed (an engine without a transfer service ignores plans)."""
+    request: what was not fetched is recomputed (an engine without a transfer service ignores plans).
+    Returns what the answer's usage reports of it (None: no fetch ran)."""
     assert req.kv_fetch_plan is not None
     if state.transfer is None:
         state.metrics.record_fetch(None)
-        return
+        return None
     outcome = await state.transfer.fetch(req.kv_fetch_plan, req.prompt_ids, req.cache_salt)
     state.metrics.record_fetch(outcome)
+    return KVFetch(outcome.fetched_tokens, outcome.seconds)
 
 
 def _aborted_chunk(

@@ -123,6 +123,12 @@ class ServerMetrics:
             "kv_pages_free": ("KV pages on the free list", "pages_free"),
             "kv_pages_cached": ("KV pages owned by the prefix cache", "pages_cached"),
             "kv_pages_total": ("KV pool capacity in pages", "pages_total"),
+            "kv_pages_pinned": ("KV pages held by retention pins (kv_pin), never evicted", "pages_pinned"),
+            "kv_pins": ("Retention pins held", "num_pins"),
+            "kv_pins_refused": (
+                "Retention pins refused for the overall pin budget, since start",
+                "pins_refused",
+            ),
             "kv_host_pages_cached": ("Host-tier pages holding cached prefixes", "host_pages_cached"),
             "kv_host_pages_total": ("Host-tier capacity in pages (0 without tiers)", "host_pages_total"),
             "kv_disk_pages_cached": ("Disk-tier pages holding cached prefixes", "disk_pages_cached"),

@@ -72,12 +72,17 @@ def parse(state: ServerState, body: dict[str, Any], kind: Kind) -> GenerationReq
 
 
 def _usage(first: GenerationChunk, completion_tokens: int) -> dict[str, Any]:
-    """The prompt counted once (its pages are shared by every choice), the completions of all choices."""
+    """The prompt counted once (its pages are shared by every choice), the completions of all choices;
+    with a fetch plan, how many cached tokens came from the peer and how long the fetch took
+    (``cache.api.replies.KVFetch``)."""
+    details: dict[str, Any] = {"cached_tokens": first.cached_tokens}
+    if first.kv_fetch is not None:
+        details.update(kv_fetched_tokens=first.kv_fetch.tokens, kv_fetch_seconds=first.kv_fetch.seconds)
     return {
         "prompt_tokens": first.prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": first.prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
+        "prompt_tokens_details": details,
     }
 
 

@@ -64,6 +64,8 @@ def _output(
         "cached_tokens": chunk.cached_tokens,
         "e2e_latency": time.perf_counter() - start,
     }
+    if chunk.kv_fetch is not None:  # as in the OpenAI usage (cache.api.replies.KVFetch)
+        meta.update(kv_fetched_tokens=chunk.kv_fetch.tokens, kv_fetch_seconds=chunk.kv_fetch.seconds)
     if logprobs is not None:
         meta.update(_logprobs(ids, logprobs, texts))
     return {"text": text, "output_ids": list(ids), "meta_info": meta}

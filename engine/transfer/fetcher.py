@@ -13,6 +13,10 @@ transport, release the source's lease, verify every page's checksum, import on t
 The work runs as its own task: a request cancelled mid-fetch stops waiting at once, and the task
 stops at its next step and frees what it holds on both sides (the import region only once no copy
 can still touch it; the source's lease by release, or by expiry if the source cannot be reached).
+
+Every fetch whose pages arrived is measured (``cache.planning.fetch_cost``: the bytes' throughput and
+the per-fetch fixed cost); ``GET /kv_transfer/info`` shows the figures, and the gateway attaches a plan
+only when they say moving the pages beats recomputing them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import aiohttp
 import xxhash
 
 from cache.api.requests import FetchPlan
+from cache.planning.fetch_cost import FetchCost, FetchCostMeter
 from engine.async_engine import AsyncEngine
 from engine.kv.prefix_cache import BlockHasher
 from engine.transfer import pages
@@ -87,6 +92,12 @@ class Fetcher:
         self._hasher: BlockHasher = cache.hasher
         self._namespace_hash = cache.namespace_hash
         self._background: set[asyncio.Task] = set()
+        self._cost = FetchCostMeter()
+
+    @property
+    def cost(self) -> FetchCost:
+        """What this engine's fetches measured of the links they used (``GET /kv_transfer/info``)."""
+        return self._cost.snapshot()
 
     def fetchable_hashes(self, prompt_ids: Sequence[int], cache_salt: str) -> list[int]:
         """The chained hashes of the prompt's pages a reader would fetch (every full page but one that
@@ -109,13 +120,16 @@ class Fetcher:
         except asyncio.CancelledError:
             job.abandoned = True  # the task notices at its next step and cleans up
             raise
+        seconds = time.perf_counter() - start
         if job.failure is not None:
             log.warning("KV fetch %s fell back to recomputing: %s", plan.plan_id, job.detail or job.failure)
+        if job.fetched_blocks and not job.abandoned:  # pages arrived: a measurement of the link
+            self._cost.observe(job.moved_bytes, job.transfer_s, seconds)
         return FetchOutcome(
             plan.plan_id,
             job.planned_blocks * self.layout.page_size,
             job.fetched_blocks * self.layout.page_size,
-            time.perf_counter() - start,
+            seconds,
             job.failure,
         )
 
@@ -168,6 +182,7 @@ class Fetcher:
             job.check()
             length = reply.num_blocks * self.layout.page_bytes
             local = self.buffer.address + region[0]
+            moving = time.perf_counter()
             read = asyncio.ensure_future(
                 asyncio.to_thread(self.transport.read, reply.segment, local, reply.address, length)
             )
@@ -190,6 +205,7 @@ class Fetcher:
         if sums != reply.checksums:
             bad = next(i for i, (a, b) in enumerate(zip(sums, reply.checksums, strict=True)) if a != b)
             raise FetchFailed("checksum", f"page {held + bad} of plan {plan.plan_id} arrived corrupt")
+        job.moved_bytes, job.transfer_s = length, time.perf_counter() - moving
         job.check()
         importing = asyncio.ensure_future(
             self.engine.call(lambda engine: pages.import_pages(engine, tokens, job.cache_salt, held, staged))
@@ -266,6 +282,8 @@ class _Job:
     cache_salt: str
     planned_blocks: int = 0
     fetched_blocks: int = 0
+    moved_bytes: int = 0  # read and verified
+    transfer_s: float = 0.0  # spent reading and verifying them
     failure: str | None = None
     detail: str = ""
     abandoned: bool = False  # the request stopped waiting (cancelled, timed out)

@@ -87,7 +87,8 @@ class TransferService:
         }
 
     def info(self) -> dict[str, Any]:
-        """What ``GET /kv_transfer/info`` shows: the layout, the transport, and what is held now."""
+        """What ``GET /kv_transfer/info`` shows: the layout, the transport, what is held now, and what
+        this engine's fetches measured (the gateway weighs fetch plans with it)."""
         return {
             "backend": self.transport.name,
             "segment": self.transport.segment,
@@ -99,4 +100,5 @@ class TransferService:
             "exported_blocks": self.exporter.exported_blocks,
             "import_buffer_bytes": self.import_buffer.num_bytes,
             "import_bytes_in_use": self.import_buffer.used_bytes,
+            "fetch_cost": self.fetcher.cost.to_json(),
         }

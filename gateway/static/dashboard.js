@@ -271,6 +271,34 @@ function renderTierHits(stats) {
   document.getElementById("tier-hits").replaceChildren(...rows);
 }
 
+// Where the prompt tokens of requests with usage came from: the worker's own cache, a peer's (a KV fetch
+// plan, docs/kv-transfer.md: counted apart from the index's predictions), or its forward passes; and how
+// long the fetches took, as the workers reported them.
+function renderKvFetch(stats) {
+  const cluster = clusterScope(stats);
+  const tot = cluster ? stats.cluster.totals : stats.totals;
+  const sources = tot.prompt_tokens_by_source || {};
+  const total = Object.values(sources).reduce((a, n) => a + n, 0);
+  document.getElementById("kv-fetch-scope").textContent =
+    `${cluster ? "cluster" : "this replica"} · requests whose worker reported usage`;
+  const labels = { cached: "cached here", fetched: "fetched from a peer", computed: "computed" };
+  const rows = ["cached", "fetched", "computed"].map((source) => {
+    const n = sources[source] || 0;
+    return el("div", { class: "bar", "data-source": source, "data-value": n },
+      el("span", {}, labels[source]),
+      el("div", { class: "track" }, el("div", { class: `fill ${source}`, style: `width:${total ? (100 * n) / total : 0}%` })),
+      el("span", { class: "count" }, `${fmtCompact(n)} · ${total ? fmtPct(n / total) : "–"}`));
+  });
+  document.getElementById("kv-fetch").replaceChildren(...rows);
+  const basis = cluster ? "≈ from histogram buckets" : `over the last ${stats.totals.kv_fetch_samples ?? 0} fetches`;
+  const node = document.getElementById("kv-fetch-latency");
+  node.textContent = tot.kv_fetch_p50_s == null
+    ? "no KV fetches yet"
+    : `fetch time p50 ${fmtDur(tot.kv_fetch_p50_s)} · p99 ${fmtDur(tot.kv_fetch_p99_s)} (${basis}) · ` +
+      `${fmtInt(tot.kv_fetch_recomputed_tokens)} planned tokens recomputed`;
+  node.dataset.value = tot.kv_fetch_p50_s == null ? "" : String(tot.kv_fetch_p50_s);
+}
+
 // P:D advice (gateway/pd_advisor.py): prefill + decode workers, or mixed ones, against what serves now.
 function renderPdAdvice(stats) {
   const advice = stats.pd_advice;
@@ -329,6 +357,7 @@ function render() {
   renderWorkers(stats);
   renderRouting(stats);
   renderTierHits(stats);
+  renderKvFetch(stats);
   renderPdAdvice(stats);
   renderReplicas(stats);
   renderRecent(stats);

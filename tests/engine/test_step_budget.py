@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 
 from cache.api.sampling import SamplingParams
 from engine.config import EngineConfig
-from engine.engine import LLMEngine
+from engine.engine import EngineStats, LLMEngine
 from engine.kv.page_pool import PagePool
 from engine.kv.prefix_cache import PrefixCache
 from engine.scheduler import Batch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.server.metrics import ServerMetrics
 from engine.step_budget import StepTimeFit, StepTimeModel
 
 A, B = 0.020, 0.0005  # 20 ms per step + 0.5 ms per token
@@ -166,6 +168,15 @@ def test_config_checks_the_slo() -> None:
     for bad in (0, -5, math.nan, math.inf):
         with pytest.raises(ValueError, match="itl_slo_ms"):
             EngineConfig(itl_slo_ms=bad)
+
+
+def test_metrics_show_the_budget_and_the_line() -> None:
+    stats = EngineStats(step_token_budget=48, step_time_fixed_s=0.02, step_time_per_token_s=0.0005)
+    engine = SimpleNamespace(info=SimpleNamespace(model_id="m"), stats=stats)
+    text = ServerMetrics(engine).render().decode()  # type: ignore[arg-type]
+    assert "prefixgate_engine_step_token_budget 48.0" in text
+    assert "prefixgate_engine_step_time_fixed_seconds 0.02" in text
+    assert "prefixgate_engine_step_time_per_token_seconds 0.0005" in text
 
 
 # -- the scheduler's hook, no model ----------------------------------------------------------------

@@ -80,9 +80,17 @@ async def test_the_chosen_worker_fetches_the_prefix_its_peer_holds(
         assert record["worker"] == b and record["reason"] == "session"
         assert record["fetch_source"] == a and record["fetch_planned_tokens"] >= 256
         assert stats["totals"]["kv_fetch_plans"].get("attached") == 1
-        cached = reply["usage"]["prompt_tokens_details"]["cached_tokens"]
-        assert cached >= record["fetch_planned_tokens"]  # B had nothing of it: every cached token came from A
+        details = reply["usage"]["prompt_tokens_details"]
+        assert details["cached_tokens"] >= record["fetch_planned_tokens"]  # B had nothing of it: all from A
         assert await metric(session, b, FETCHES_OK) == fetched_before + 1
+        # Fetched tokens are reported, and counted apart from the index's predictions.
+        assert details["kv_fetched_tokens"] == record["fetched_tokens"] == record["fetch_planned_tokens"]
+        assert stats["totals"]["kv_fetched_tokens"] == record["fetched_tokens"]
+        assert stats["totals"]["prompt_tokens_by_source"]["fetched"] == record["fetched_tokens"]
+        assert stats["totals"]["kv_fetch_samples"] == 1 and stats["totals"]["kv_fetch_p50_s"] > 0
+        # B measured the fetch before it answered; the gateway reads the figures at each health check.
+        cost = (await get_json(session, f"{b}/kv_transfer/info"))["fetch_cost"]
+        assert cost["fetches"] == 1 and cost["bytes_per_s"] > 0 and cost["round_trip_s"] >= 0
 
 
 async def wait_async(condition: Any, what: str, timeout: float = 60) -> None:

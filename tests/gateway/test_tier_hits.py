@@ -70,3 +70,5 @@ async def test_the_gateway_weighs_lower_tiers_by_what_each_worker_measured(token
             assert policy.tier_weight(w0, Tier.HOST) == pytest.approx(0.8)  # 1 - 0.2 ms / 1 ms
             assert policy.tier_weight(w0, Tier.DISK) == 0.3  # no page file read yet: the flag's constant
             assert policy.tier_weight(w1, Tier.HOST) == 0.3  # measured nothing of its tiers
+            shown = [w["hit_weights"] for w in (await state.stats())["workers"]]
+            assert shown == [{"host": pytest.approx(0.8), "disk": 0.3}, {"host": 0.3, "disk": 0.3}]

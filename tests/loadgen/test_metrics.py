@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loadgen.client import RequestRecord
+from cache.api.replies import reply_usage
+from loadgen.client import RequestRecord, _read_usage
 from loadgen.metrics import SLO, compute_metrics, summarize, tpot_s
+from loadgen.report import format_run_table
 
 
 def record(request_id: int, chunks: list[tuple[float, bool]], end: float, **fields) -> RequestRecord:
@@ -132,3 +134,29 @@ def test_empty_lists_give_zero_like_bench_serving():
 
 def test_non_integer_percentile_key():
     assert "p99.9_itl_ms" in summarize("itl", [0.1], (99.9,))
+
+
+def test_recomputed_and_fetched_tokens(timeline):
+    """Recomputed = prompt - cached over requests with usage; fetched (KV from a peer worker, our engine's
+    usage) only when a worker reported it: None otherwise, never a made-up 0."""
+    m = compute_metrics(timeline, duration_s=2.0)
+    assert m["total_recomputed_tokens"] == (100 - 64) + 50  # the warm-up and the failure excluded
+    assert m["total_kv_fetched_tokens"] is None and m["kv_fetches_reported"] == 0
+    assert table_rows(m)["Fetched prompt tokens (KV from a peer)"] == "n/a"
+    reply = {
+        "usage": {
+            "prompt_tokens": 100,
+            "prompt_tokens_details": {"cached_tokens": 64, "kv_fetched_tokens": 48},
+        }
+    }
+    _read_usage(timeline[0], reply_usage(reply))
+    m = compute_metrics(timeline, duration_s=2.0)
+    assert m["total_kv_fetched_tokens"] == 48 and m["kv_fetches_reported"] == 1
+    assert timeline[0].to_json()["kv_fetched_tokens"] == 48
+    rows = table_rows(m)
+    assert (rows["Fetched prompt tokens (KV from a peer)"], rows["Recomputed prompt tokens"]) == ("48", "86")
+
+
+def table_rows(metrics: dict) -> dict[str, str]:
+    lines = format_run_table("run", metrics).splitlines()
+    return {line.split(":")[0]: line.rsplit(" ", 1)[1] for line in lines if ":" in line}

@@ -27,6 +27,18 @@ HUGE = 10**400  # valid JSON; too large for a float or a 64-bit integer
 NOT_NUMBERS = ["NaN", "inf", "-inf", "1e400", "0.5", True, [], {}, [1.0], {"value": 1}]
 
 # field -> values that must be refused, for both OpenAI endpoints
+KV_PINS = [
+    5,
+    "x",
+    {},
+    {"ttl_s": "60"},
+    {"ttl_s": 0},
+    {"ttl_s": HUGE},
+    {"ttl_s": 60, "tokens": -1},
+    {"ttl_s": 60, "tokens": 1.5},
+    [{"ttl_s": 60}] * 5,
+    [5],
+]
 OPENAI_FIELDS: dict[str, list[Any]] = {
     "temperature": [*NOT_NUMBERS, -1, -1e-300, 2.0001, HUGE, -HUGE, 1e308],
     "top_p": [*NOT_NUMBERS, 0, -0.5, 1.0001, HUGE, -HUGE, 1e-400],
@@ -58,6 +70,7 @@ OPENAI_FIELDS: dict[str, list[Any]] = {
     "min_p": [0.5, "x"],
     "repetition_penalty": [*NOT_NUMBERS, 0, -1, 101, HUGE],
     "min_tokens": [5],
+    "kv_pin": KV_PINS,
 }
 CHAT_FIELDS: dict[str, list[Any]] = {
     "messages": [
@@ -149,6 +162,7 @@ GENERATE_FIELDS: dict[str, list[Any]] = {
     "top_logprobs_num": [21, -1, "x"],
     "logprob_start_len": ["x", 1.5],
     "cache_salt": ["", 5, "s" * 257],
+    "kv_pin": KV_PINS,
 }
 
 
@@ -176,7 +190,8 @@ def cases() -> list[tuple[str, str, Any]]:
             {**BASE[CHAT], "stream": True, "stream_options": {"include_usage": "y"}},
         )
     )
-    for path in (CHAT, COMPLETIONS, GENERATE, "/tokenize", "/detokenize", "/abort_request"):
+    tokenizer_routes = ("/tokenize", "/detokenize", "/v1/tokenize", "/v1/detokenize")
+    for path in (CHAT, COMPLETIONS, GENERATE, *tokenizer_routes, "/abort_request"):
         for name, raw in RAW_BODIES.items():
             out.append((f"{path}:raw:{name}", path, raw))
     for path in (CHAT, COMPLETIONS):  # a sampling parameter that JSON parses to NaN or inf
@@ -190,6 +205,12 @@ def cases() -> list[tuple[str, str, Any]]:
         ("detokenize:huge", "/detokenize", {"tokens": [HUGE]}),
         ("detokenize:string", "/detokenize", {"tokens": "abc"}),
         ("detokenize:nested", "/detokenize", {"tokens": [[1], "a"]}),
+        ("v1/tokenize:messages", "/v1/tokenize", {"messages": [{"role": "user", "content": 5}]}),
+        ("v1/tokenize:tools", "/v1/tokenize", {"messages": [{"role": "user", "content": "a"}], "tools": 5}),
+        ("v1/tokenize:model", "/v1/tokenize", {"model": ["x"] * 1000, "prompt": "a"}),
+        ("v1/tokenize:token_strs", "/v1/tokenize", {"prompt": "a", "return_token_strs": "yes"}),
+        ("v1/detokenize:batch", "/v1/detokenize", {"tokens": [[1]]}),
+        ("v1/detokenize:huge", "/v1/detokenize", {"tokens": [HUGE]}),
         ("abort:rid", "/abort_request", {"rid": 5}),
     ]
     return out

@@ -7,6 +7,7 @@ import pytest
 from cache.api.replies import (
     DONE,
     BadChunk,
+    KVFetch,
     Usage,
     chunk_error,
     chunk_text,
@@ -48,6 +49,23 @@ def test_usage_from_openai_and_sglang() -> None:
     ) == Usage(10, 2, 4)
     assert reply_usage({"choices": []}) is None
     assert is_usage_only({"choices": [], **openai}) and not is_usage_only({"choices": [{}], **openai})
+
+
+def test_our_engines_fetched_tokens_and_fetch_time() -> None:
+    """A worker that ran a fetch plan says how many of its cached tokens came from the peer, and how long
+    the fetch took; a worker that did not says nothing (None, not 0)."""
+    details = {"cached_tokens": 512, "kv_fetched_tokens": 496, "kv_fetch_seconds": 0.012}
+    openai = {"usage": {"prompt_tokens": 600, "completion_tokens": 2, "prompt_tokens_details": details}}
+    assert reply_usage(openai) == Usage(600, 2, 512, KVFetch(496, 0.012))
+    meta = {"meta_info": {"prompt_tokens": 600, "cached_tokens": 512, "kv_fetched_tokens": 0}}
+    assert reply_usage(meta) == Usage(600, None, 512, KVFetch(0, None))
+    assert reply_usage({"usage": {"prompt_tokens": 1}}) == Usage(1, None, None, None)
+    for seconds in (-1, float("nan"), float("inf"), "0.1", True):  # a bad time: the count still stands
+        bad = {"usage": {"prompt_tokens_details": {"kv_fetched_tokens": 16, "kv_fetch_seconds": seconds}}}
+        assert reply_usage(bad) == Usage(None, None, None, KVFetch(16, None))
+    for tokens in (-16, 1.5, "16", None, False):  # not a count: no fetch reported
+        bad = {"usage": {"prompt_tokens_details": {"kv_fetched_tokens": tokens, "kv_fetch_seconds": 1}}}
+        assert reply_usage(bad) == Usage()
 
 
 @pytest.mark.parametrize(
