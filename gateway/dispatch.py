@@ -133,6 +133,7 @@ class Dispatcher:
                     on_accepted=functools.partial(self.router.claim, req, worker),
                     translator=translator,
                 )
+                self.router.dispatching(req, worker)
                 try:
                     with self.pool.dispatch(worker):
                         relayed = await self.proxy.forward(request, call)

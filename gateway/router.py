@@ -14,6 +14,7 @@ from typing import Any
 from cache.api.errors import ApiError
 from cache.api.requests import Kind
 from cache.index.ops import ApproxOp
+from cache.index.radix_index import RadixIndex, RadixIndexConfig
 from cache.index.store import IndexStore
 from cache.prompt.tokenizer import Tokenizer
 from cache.wire.hashing import block_hashes, namespace_seed
@@ -23,6 +24,8 @@ from gateway.metrics import GatewayMetrics
 from gateway.policies import Decision, Policy, RouteRequest, make_policy
 from gateway.shared_state import SharedState
 from gateway.workers import Worker, WorkerPool
+
+DISPATCHED_MAX_BLOCKS = 100_000  # prefixes of requests sent but not yet accepted, this replica only
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Router:
         self.metrics = metrics
         self.policy: Policy = make_policy(routing.policy, routing)
         self.fetch_planner = FetchPlanner(routing, pool, metrics)
+        self._dispatched = RadixIndex(RadixIndexConfig(max_blocks=DISPATCHED_MAX_BLOCKS))
         # Disaggregated pools: prefill workers by ``policy`` (cache-aware: prefill is where a cached
         # prefix saves compute), decode workers by load, a session keeping its decode worker.
         self.decode_policy: Policy = make_policy("session", routing)
@@ -93,8 +97,12 @@ class Router:
             raise ApiError(503, "no healthy worker can take this request; retry shortly")
         route = RouteRequest(prompt_tokens=len(req.prompt_ids), session_id=req.session_id)
         for model_id, page_size in {(w.model_id or "", w.page_size) for w in candidates}:
-            matches = self.store.match(req.hashes(model_id, page_size))
-            route.matches.update(matches)
+            hashes = req.hashes(model_id, page_size)
+            route.matches.update(self.store.match(hashes))
+            for worker_id, pending in self._dispatched.match(hashes).items():
+                known = route.matches.get(worker_id)
+                if known is None or pending.blocks > known.blocks:
+                    route.matches[worker_id] = pending
         if req.session_id is not None:
             route.pinned_worker = await self.shared.pinned_worker(self._session_key(req))
         policy = self.decode_policy if self.disaggregated and not prefill else self.policy
@@ -103,6 +111,16 @@ class Router:
         if not self.disaggregated:  # there a request's KV comes from its prefill leg instead
             decision = self.fetch_planner.attach(decision, req, route.matches, exclude)
         return decision
+
+    def dispatching(self, req: PreparedRequest, worker: Worker) -> None:
+        """``req`` is being sent to ``worker``: until the worker accepts it (``claim``), which for a stream
+        is after its prefill, a request with the same prefix should still follow it there. Kept in this
+        replica's own short-lived index, never the shared one: a request the worker then refuses costs a
+        stale hint here for ``in_flight_claim_ttl_s``, and evicts nothing real."""
+        hashes = req.hashes(worker.model_id or "", worker.page_size)
+        if hashes:
+            expires = time.time() + self.routing.in_flight_claim_ttl_s
+            self._dispatched.insert_approximate(worker.worker_id, None, hashes, expires)
 
     async def claim(self, req: PreparedRequest, worker: Worker) -> None:
         """Record that ``worker`` is about to hold this prompt's blocks (an expiring entry; the worker's
