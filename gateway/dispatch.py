@@ -136,7 +136,10 @@ class Dispatcher:
                 self.router.dispatching(req, worker)
                 try:
                     with self.pool.dispatch(worker):
-                        relayed = await self.proxy.forward(request, call)
+                        try:
+                            relayed = await self.proxy.forward(request, call)
+                        finally:
+                            self.router.dispatched_done(req, worker)
                 except UpstreamFailed as exc:
                     if leg is not None:
                         await leg.finish()

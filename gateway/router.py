@@ -122,6 +122,13 @@ class Router:
             expires = time.time() + self.routing.in_flight_claim_ttl_s
             self._dispatched.insert_approximate(worker.worker_id, None, hashes, expires)
 
+    def dispatched_done(self, req: PreparedRequest, worker: Worker) -> None:
+        """The worker answered (accepted, refused or failed): the shared index speaks for it from here
+        (claims, KV events), so the hint goes; a lingering one would outlive an eviction it cannot see."""
+        hashes = req.hashes(worker.model_id or "", worker.page_size)
+        if hashes:
+            self._dispatched.removed(worker.worker_id, hashes)
+
     async def claim(self, req: PreparedRequest, worker: Worker) -> None:
         """Record that ``worker`` is about to hold this prompt's blocks (an expiring entry; the worker's
         KV events confirm it, or the TTL drops it). Called once the worker accepted the request, never
