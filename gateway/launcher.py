@@ -185,5 +185,10 @@ def stop_processes(procs: list[subprocess.Popen]) -> None:
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):  # it exited on its own meanwhile
+    """Signal ``proc``'s process group (``spawn`` makes each child lead its own), or ``proc`` alone when it
+    leads none (started elsewhere): a missing group must not leave it running and its stopper waiting."""
+    try:
         os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):  # it exited on its own meanwhile
+            proc.send_signal(sig)

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from gateway.launcher import free_port, stop_processes
+from gateway.launcher import free_port, spawn, stop_processes
 
 ENGINE_ARGS = ["--engine-arg=--kv-cache-tokens=16384", "--engine-arg=--max-batch-tokens=256"]
 SETUPS = {
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str, dict]]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *flags, *ENGINE_ARGS]
-        serve = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        serve = spawn(cmd, subprocess.DEVNULL)  # its own process group: stopped with its engines
         try:
             wait_ready(url, serve)
             for workload, wflags in WORKLOADS.items():
