@@ -7,11 +7,10 @@ import errno
 import functools
 import logging
 import os
-import socket
 
 from aiohttp import web
 
-from cache.api.flags import FlagError, add_config_arguments
+from cache.api.flags import FlagError, add_config_arguments, check_can_listen, port_taken
 from cache.api.flags import config_from_args as config_fields_from_args
 from cache.prompt.model_files import WeightLoadError, check_model_path
 from gateway.app import create_app, server_options
@@ -101,27 +100,6 @@ def check_startup(config: GatewayConfig, procs: int, *, engine_weights: bool = F
     except WeightLoadError as exc:
         raise FlagError(f"--model: {exc}") from None
     check_can_listen(config.host, config.port)
-
-
-def check_can_listen(host: str, port: int) -> None:
-    """Bind ``host:port`` and let it go: a taken port is found now, not after the engines have loaded."""
-    try:
-        with socket.create_server((host, port)):  # SO_REUSEADDR, as aiohttp binds
-            pass
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise port_taken(host, port) from None
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise FlagError(
-            f"--host {host} --port {port}: cannot listen there ({reason}); choose another --host or --port"
-        ) from None
-
-
-def port_taken(host: str, port: int) -> FlagError:
-    return FlagError(
-        f"--port {port}: {host}:{port} is already in use (another gateway?); stop what listens there or "
-        "choose another --port"
-    )
 
 
 def serve_gateway(config: GatewayConfig, procs: int = 1, log_level: str = "info") -> int:

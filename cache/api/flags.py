@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import os
+import socket
 import types
 import typing
 from collections.abc import Collection, Mapping
@@ -120,3 +123,23 @@ def _value_type(name: str, hint: Any) -> type:
     if hint not in (int, float, str):
         raise TypeError(f"field {name!r}: no flag for type {hint!r}; pass it to config_from_args instead")
     return hint
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Bind ``host:port`` and let it go: a taken port is found now, not after the engines have loaded."""
+    try:
+        with socket.create_server((host, port)):  # SO_REUSEADDR, as aiohttp binds
+            pass
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise port_taken(host, port) from None
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise FlagError(
+            f"--host {host} --port {port}: cannot listen there ({reason}); choose another --host or --port"
+        ) from None
+
+
+def port_taken(host: str, port: int) -> FlagError:
+    return FlagError(
+        f"--port {port}: {host}:{port} is already in use; stop what listens there or choose another --port"
+    )

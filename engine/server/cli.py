@@ -11,7 +11,7 @@ import asyncio
 import logging
 import signal
 
-from cache.api.flags import FlagError, add_config_arguments, config_from_args
+from cache.api.flags import FlagError, add_config_arguments, check_can_listen, config_from_args
 from cache.prompt.model_files import WeightLoadError, check_model_path
 from engine.config import TIERS, WRITE_POLICIES, EngineConfig
 from engine.models.quant_linear import WEIGHT_MODES
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Flags that cannot work (``FlagError``: one line, exit status 2): a ``--model`` that is not a
-    model (checked before the slow load), inconsistent flags (a disk tier without the hierarchical
+    model and a ``--port`` already taken (both checked before the slow load), inconsistent flags (a disk tier without the hierarchical
     cache, a remote KV-event endpoint...), a checkpoint the loader refuses."""
     try:
         check_model_path(args.model, weights=True)
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         if args.kv_transfer or args.role != "mixed":  # a prefill or decode worker moves KV
             transfer = config_from_args(TransferConfig, args, import_buffer_mib=args.kv_transfer_buffer_mib)
         settings = config_from_args(ServerSettings, args, kv_transfer=transfer)
+        check_can_listen(settings.host, settings.port)  # a taken port is found before the model loads
         engine, publisher = load_engine(config, settings)
     except ValueError as exc:
         raise FlagError(str(exc)) from None

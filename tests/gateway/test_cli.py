@@ -91,6 +91,7 @@ BAD_SETUPS = {
     "missing keys file": (["serve", "--api-keys", "{bad}/none.json"], "none.json: no such file"),
     "serve port taken": (["serve", "--port", "{port}"], "is already in use"),
     "gateway port taken": (["gateway", "--port", "{port}"], "is already in use"),
+    "engine port taken": (["engine", "--port", "{port}"], "is already in use"),
 }
 
 
