@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -209,3 +210,12 @@ def pages_leaked(server: Server) -> bool:
     """Pages owned by neither the prefix cache nor the free list, with no request running."""
     stats = server.state.engine.stats
     return stats.num_running == 0 and stats.pages_used != stats.pages_cached
+
+
+_prompts = itertools.count(1)
+
+
+def new_prompt(length: int = 200) -> list[int]:
+    """A prompt no earlier test of the session cached (distinct token ids from the first page on)."""
+    n = next(_prompts)
+    return [1000 + n, *[(n * 7919 + i * 31) % 40000 + 500 for i in range(length - 1)]]

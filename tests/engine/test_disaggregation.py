@@ -6,7 +6,6 @@ token-identical to one engine doing both, and nothing may stay allocated on eith
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tests.engine.kv_transfer_helpers import (
     held,
     http,
     metric,
+    new_prompt,
     nothing_held,
     pages_leaked,
     server_pair,
@@ -29,13 +29,6 @@ from tests.engine.kv_transfer_helpers import (
 )
 
 pytestmark = pytest.mark.slow
-
-_prompts = itertools.count(1)
-
-
-def new_prompt(length: int = 200) -> list[int]:
-    n = next(_prompts)
-    return [2000 + n, *[(n * 7907 + i * 37) % 40000 + 600 for i in range(length - 1)]]
 
 
 @pytest.fixture(scope="module")

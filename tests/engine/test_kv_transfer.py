@@ -7,7 +7,6 @@ recomputing (A's own greedy output), and that no export lease or import region i
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tests.engine.kv_transfer_helpers import (
     held,
     http,
     metric,
+    new_prompt,
     nothing_held,
     pages_leaked,
     plan_for,
@@ -31,14 +31,6 @@ from tests.engine.kv_transfer_helpers import (
 )
 
 pytestmark = pytest.mark.slow
-
-_prompts = itertools.count(1)
-
-
-def new_prompt(length: int = 200) -> list[int]:
-    """A prompt no earlier test cached (distinct token ids from the first page on)."""
-    n = next(_prompts)
-    return [1000 + n, *[(n * 7919 + i * 31) % 40000 + 500 for i in range(length - 1)]]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestServer
 from cache.prompt.tokenizer import Tokenizer
 from gateway.config import GatewayConfig, RoutingConfig
 from tests.gateway.conftest import running_gateway
+from tests.gateway.test_dispatch import StubWorker
 
 CHAT = "/v1/chat/completions"
 PARAMS = {"do_remote_prefill": True, "remote_host": "127.0.0.1", "remote_port": 1, "remote_block_ids": [7]}
@@ -24,21 +25,11 @@ LONG = " ".join(f"word{i}" for i in range(600))
 
 
 @dataclass
-class Stub:
-    """An OpenAI-compatible worker that records what it receives; as a prefill worker it answers with
+class Stub(StubWorker):
+    """``StubWorker`` recording what it receives; as a prefill worker it answers with
     ``kv_transfer_params`` (vLLM's shape)."""
 
     prefill: bool = False
-    bodies: list[dict[str, Any]] = field(default_factory=list)
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post(CHAT, self.complete)
-        return app
-
-    async def models(self, _: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
 
     async def complete(self, request: web.Request) -> web.Response:
         body = await request.json()

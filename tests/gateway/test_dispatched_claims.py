@@ -16,34 +16,23 @@ from cache.api.sse import send_done, send_event
 from cache.prompt.tokenizer import Tokenizer
 from gateway.config import GatewayConfig, RoutingConfig
 from tests.gateway.conftest import running_gateway
+from tests.gateway.test_dispatch import StubWorker
 
 CHAT = "/v1/chat/completions"
 SYSTEM = " ".join(f"Instruction {i}: be brief and exact." for i in range(80))
 
 
 @dataclass
-class SlowPrefill:
+class SlowPrefill(StubWorker):
     """Streams one chunk, sending its headers only once ``release`` is set (its "prefill" is done)."""
 
     release: asyncio.Event = field(default_factory=asyncio.Event)
     served: list[str] = field(default_factory=list)
-    refuse: bool = False
-
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post(CHAT, self.complete)
-        return app
-
-    async def models(self, _: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
 
     async def complete(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.served.append(body["messages"][-1]["content"])
         await self.release.wait()
-        if self.refuse:
-            return web.json_response({"error": {"message": "no"}}, status=400)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await send_event(response, {"choices": [{"index": 0, "delta": {"content": "ok"}}]})
