@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from cache.api.requests import KVPin, ServingLimits
 from cache.api.sampling import SamplingParams
-from cache.planning.load_profile import LoadProfile, StepProfiler
+from cache.planning.load_profile import LoadProfile
 from cache.wire.hashing import block_hashes, namespace_seed
 from cache.wire.tiers import MEDIUM_DISK, MEDIUM_HOST
 from engine.config import EngineConfig
@@ -31,7 +31,7 @@ from engine.models.attention import KVCache
 from engine.sampling import Sampled
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import FinishReason, Sequence
-from engine.step_budget import StepTimeModel
+from engine.step_times import StepTimes
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +124,19 @@ class LLMEngine:
         kv = allocate_kv(self.model, num_pages, config.page_size, loaded.dtype)
         self.runner = ModelRunner(self.model, kv, config.page_size)
         self.pool = PagePool(num_pages)
+        sched = scheduler_config(config)
+        # Every step's time, observed once: the --itl-slo-ms budget, the prefill rate load-back weighs,
+        # and the speed GET /load_profile publishes for the gateway.
+        self.step_time = StepTimes(
+            sched.max_batch_tokens, min_prefill_tokens=config.page_size, max_batch=sched.max_running
+        )
         self.lower: LowerTiers | None = None
         if config.enable_hierarchical_cache:
             if hasher is None:  # page files are named by block hash: name them as the server would
                 hasher = _default_hasher(loaded.model_id, config.page_size)
                 namespace_hash = namespace_hash or (lambda salt: namespace_seed(loaded.model_id, salt))
-            self.lower = _lower_tiers(config, kv, num_pages, kv_bytes_per_token(self.model, loaded.dtype))
+            bytes_per_token = kv_bytes_per_token(self.model, loaded.dtype)
+            self.lower = _lower_tiers(config, kv, num_pages, bytes_per_token, self.step_time)
         self.cache = PrefixCache(self.pool, config.page_size, hasher, listener, namespace_hash, self.lower)
         self.pins = RetentionPins(
             self.cache,
@@ -139,12 +146,8 @@ class LLMEngine:
         if self.lower is not None and self.lower.disk is not None:
             restored = self.lower.restore_from_disk()
             log.info("KV disk tier %s: %d pages restored", config.hicache_disk_dir, restored)
-        sched = scheduler_config(config)
-        # Step time vs batched tokens, learned on every step; with --itl-slo-ms it bounds decode steps.
-        self.step_time = StepTimeModel(sched.max_batch_tokens, min_prefill_tokens=config.page_size)
         limit = self._step_token_limit if config.itl_slo_ms is not None else None
         self.scheduler = Scheduler(sched, self.pool, self.cache, step_token_limit=limit)
-        self.profiler = StepProfiler(max_batch=sched.max_running)  # what every step costs, for P:D advice
         self.info = EngineInfo(
             model_id=loaded.model_id,
             model_path=str(loaded.path),
@@ -217,11 +220,7 @@ class LLMEngine:
             start = time.perf_counter()
             results = self.runner.run(batch)
             seconds = time.perf_counter() - start
-            decodes = batch.num_decodes
-            self.profiler.observe(batch.num_tokens - decodes, decodes, seconds)
-            self.step_time.observe(batch.num_tokens, seconds, decodes)
-            if self.lower is not None:  # the measured prefill rate that load-back decisions weigh
-                self.lower.cost.observe_forward(batch.num_tokens, seconds)
+            self.step_time.observe(batch.num_tokens, seconds, batch.num_decodes)
         except Exception as exc:
             log.exception("forward pass failed; failing the %d requests in this batch", len(batch.chunks))
             results = {chunk.seq: exc for chunk in batch.chunks}
@@ -274,7 +273,7 @@ class LLMEngine:
         sched, pool, lower = self.scheduler, self.pool, self.lower
         fit = self.step_time.fit
         tiers = {}
-        profile = self.profiler.snapshot()
+        profile = self.step_time.load_profile()
         if lower is not None:
             profile = replace(profile, kv_load=lower.load_cost())  # what a lower-tier hit saves here
             tiers = dict(
@@ -329,9 +328,10 @@ def _default_hasher(model_id: str, page_size: int) -> BlockHasher:
 
 
 def _lower_tiers(
-    config: EngineConfig, device_kv: KVCache, num_pages: int, bytes_per_token: int
+    config: EngineConfig, device_kv: KVCache, num_pages: int, bytes_per_token: int, step_times: StepTimes
 ) -> LowerTiers:
-    """The host pool (``hicache_size_gib``, else ``hicache_ratio`` x the device pool) and the disk tier."""
+    """The host pool (``hicache_size_gib``, else ``hicache_ratio`` x the device pool) and the disk tier,
+    whose load-backs weigh a copy against the prefill rate ``step_times`` measures."""
     page_bytes = bytes_per_token * config.page_size
     if config.hicache_size_gib > 0:
         host_pages = int(config.hicache_size_gib * 2**30) // page_bytes
@@ -342,7 +342,7 @@ def _lower_tiers(
     if config.hicache_disk_dir is not None:
         capacity = int(config.hicache_disk_size_gib * 2**30) // page_bytes
         disk = DiskStore(config.hicache_disk_dir, capacity, mover.layout, mover.page_bytes)
-    cost = LoadCost(config.hicache_min_load_tokens)
+    cost = LoadCost(config.hicache_min_load_tokens, lambda: step_times.prefill_tokens_per_s)
     log.info(
         "KV tiers: %d host pages, %s disk pages, %s",
         host_pages,

@@ -63,7 +63,7 @@ class Scheduler:
         step_token_limit: Callable[[int], int] | None = None,
     ) -> None:
         """``step_token_limit(decodes)``: the tokens a step carrying that many decodes may hold, below
-        the static budget (``--itl-slo-ms``: ``engine.step_budget``); it must exceed ``decodes``, or
+        the static budget (``--itl-slo-ms``: ``engine.step_times``); it must exceed ``decodes``, or
         prompts stall while others decode. Steps without decodes get the whole static budget: no
         one's inter-token latency waits on them."""
         assert config.max_batch_tokens >= config.max_running, "every running decode must fit in a step"

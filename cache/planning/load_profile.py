@@ -2,26 +2,21 @@
 
 These are the two curves Dynamo's SLA planner takes from an offline profiling sweep (prefill throughput
 at a prompt length, decode throughput at an inter-token latency); here every engine measures them on
-the traffic it serves, so the P:D advice (``cache.planning.pd_advice``) follows the hardware and the
-model actually deployed.
+the traffic it serves (``engine.step_times``, the one measure of its forward steps), so the P:D advice
+(``cache.planning.pd_advice``) follows the hardware and the model actually deployed.
 
-* Prefill: tokens per second over forward steps that compute at least ``min_prefill_tokens`` prompt
-  tokens (smaller steps are dominated by fixed per-step costs and say little of prefill speed). A step
-  that also carries decode rows counts them as tokens: under chunked prefill (Sarathi) that is what a
-  prefill pays for.
-* Decode: seconds per step over steps that only decode, kept per batch-size bucket (powers of two:
-  1, 2-3, 4-7, ...) with the bucket's mean batch, so each bucket is one measured point of the curve
-  "step time as a function of batch size". A step's time is the inter-token latency of every sequence
-  in it.
-
+* Prefill: tokens per second over forward steps that compute enough prompt tokens to say something of
+  prefill speed (decode rows riding in them count as tokens: under chunked prefill that is what a
+  prefill pays for).
+* Decode: seconds per step over steps that only decode, per batch-size bucket (powers of two: 1, 2-3,
+  4-7, ...) with the bucket's mean batch, so each bucket is one measured point of the curve "step time
+  as a function of batch size". A step's time is the inter-token latency of every sequence in it.
 * KV tiers (``KVLoadCost``, only with the hierarchical cache): seconds per prompt token to load a prefix
   back from the host tier and from the disk tier, and to recompute it, as the engine's load-back
   decision weighs them (``engine.kv.load_cost``). The gateway weighs a lower-tier hit by what it saves:
   ``1 - load / recompute`` of a device hit.
 
-Both are EWMAs (``alpha`` weights the newest step), so they track a warming or contended machine.
-``StepProfiler`` is owned by the thread that steps the engine; everyone else reads the immutable
-``LoadProfile`` snapshots it returns. ``LoadProfile.to_json`` / ``from_json`` is the wire form of
+``LoadProfile`` is an immutable snapshot; ``to_json`` / ``from_json`` is the wire form of
 ``GET /load_profile``: the gateway reads it from workers it does not trust, so ``from_json`` accepts
 only well-formed, finite, positive figures and returns None otherwise.
 """
@@ -126,49 +121,6 @@ class LoadProfile:
             points.append(DecodePoint(float(batch), float(step_s), steps))
         points.sort(key=lambda p: p.batch)
         return cls(None if prefill is None else float(prefill), tuple(points), max_batch, kv_load)
-
-
-class StepProfiler:
-    """EWMAs over an engine's forward steps. Not thread-safe: only the stepping thread calls ``observe``
-    and ``snapshot``; the snapshots it hands out are immutable."""
-
-    def __init__(
-        self, max_batch: int | None = None, alpha: float = 0.2, min_prefill_tokens: int = 32
-    ) -> None:
-        assert 0 < alpha <= 1
-        self.max_batch, self.alpha, self.min_prefill_tokens = max_batch, alpha, min_prefill_tokens
-        self.prefill_tokens_per_s: float | None = None
-        self._decode: dict[int, list[float]] = {}  # bucket -> [mean batch, step seconds, steps]
-        self._snapshot: LoadProfile | None = None
-
-    def observe(self, prefill_tokens: int, decode_rows: int, seconds: float) -> None:
-        """One forward step: ``prefill_tokens`` prompt tokens computed and ``decode_rows`` sequences
-        decoding one token each, in ``seconds``."""
-        if seconds <= 0 or not math.isfinite(seconds):
-            return
-        if prefill_tokens >= self.min_prefill_tokens:
-            rate = (prefill_tokens + decode_rows) / seconds
-            self.prefill_tokens_per_s = self._ewma(self.prefill_tokens_per_s, rate)
-            self._snapshot = None
-        elif prefill_tokens == 0 and decode_rows > 0:
-            bucket = 1 << (decode_rows.bit_length() - 1)  # 1, 2-3, 4-7, 8-15, ...
-            point = self._decode.get(bucket)
-            if point is None:
-                self._decode[bucket] = [float(decode_rows), seconds, 1]
-            else:
-                point[0] = self._ewma(point[0], decode_rows)
-                point[1] = self._ewma(point[1], seconds)
-                point[2] += 1
-            self._snapshot = None
-
-    def snapshot(self) -> LoadProfile:
-        if self._snapshot is None:
-            points = tuple(DecodePoint(b, s, int(n)) for _, (b, s, n) in sorted(self._decode.items()))
-            self._snapshot = LoadProfile(self.prefill_tokens_per_s, points, self.max_batch)
-        return self._snapshot
-
-    def _ewma(self, old: float | None, new: float) -> float:
-        return new if old is None else (1 - self.alpha) * old + self.alpha * new
 
 
 def _is_int(value: object) -> bool:

@@ -1,9 +1,10 @@
 """When loading a prefix back from a lower tier pays: measured copy time against measured prefill time.
 
-Pure Python. The engine feeds it the rate of every large forward pass; the tiers supply their
-measured bandwidths. Before a rate is known (a fresh engine), loading is assumed to pay: on every
-machine this engine targets a page copy is orders of magnitude cheaper than its recompute, and the
-first forward pass measures the rate.
+Pure Python, and only the policy: the tiers supply their measured bandwidths, the engine its measured
+prefill rate (``engine.step_times``, the one measure of its steps, read through ``prefill_rate``).
+Before a rate is known (a fresh engine), loading is assumed to pay: on every machine this engine
+targets a page copy is orders of magnitude cheaper than its recompute, and the first large forward
+pass measures the rate.
 
 ``per_token`` publishes the same figures (``GET /load_profile``), so the gateway weighs a lower-tier
 hit by what this engine will actually do with it.
@@ -11,22 +12,16 @@ hit by what this engine will actually do with it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cache.planning.load_profile import KVLoadCost
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoadCost:
     min_load_tokens: int  # a shorter lower-tier prefix is recomputed (not worth a copy's fixed cost)
-    prefill_tokens_per_s: float | None = None  # measured (EWMA) over forward passes
-    min_observed_tokens: int = 32  # smaller steps are decode-bound; their rate says nothing of prefill
-
-    def observe_forward(self, num_tokens: int, seconds: float) -> None:
-        if num_tokens < self.min_observed_tokens or seconds <= 0:
-            return
-        rate, old = num_tokens / seconds, self.prefill_tokens_per_s
-        self.prefill_tokens_per_s = rate if old is None else 0.8 * old + 0.2 * rate
+    prefill_rate: Callable[[], float | None]  # the engine's measured prefill tokens/s; None before one
 
     def load_seconds(
         self, host_bytes: int, disk_bytes: int, copy_bytes_per_s: float | None, disk_bytes_per_s: float | None
@@ -44,13 +39,12 @@ class LoadCost:
         recompute; None where a rate is not measured yet."""
         host = bytes_per_token / copy_bytes_per_s if copy_bytes_per_s else None
         disk = host + bytes_per_token / disk_bytes_per_s if host is not None and disk_bytes_per_s else None
-        prefill = 1 / self.prefill_tokens_per_s if self.prefill_tokens_per_s else None
-        return KVLoadCost(prefill, host, disk, self.min_load_tokens)
+        rate = self.prefill_rate()
+        return KVLoadCost(1 / rate if rate else None, host, disk, self.min_load_tokens)
 
     def pays(self, num_tokens: int, load_seconds: float) -> bool:
         """All-or-nothing for one request's lower-tier prefix of ``num_tokens`` tokens."""
         if num_tokens < self.min_load_tokens:
             return False
-        if self.prefill_tokens_per_s is None:
-            return True
-        return load_seconds < num_tokens / self.prefill_tokens_per_s
+        rate = self.prefill_rate()
+        return rate is None or load_seconds < num_tokens / rate

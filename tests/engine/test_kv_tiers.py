@@ -155,11 +155,13 @@ def build_tiered(
     max_running: int = 8,
     min_load_tokens: int = PS,
     runner: FakeRunner | None = None,
+    prefill_tokens_per_s: float | None = None,  # the engine's measured rate (None: not yet measured)
 ) -> tuple[Scheduler, FakeRunner, TierMirror]:
     runner = runner or FakeRunner()
     mover = FakeMover(runner)
     disk = DiskStore(disk_dir, disk_pages, "fake", mover.page_bytes) if disk_dir else None
-    lower = LowerTiers(PagePool(host_pages), mover, policy, LoadCost(min_load_tokens), disk)
+    cost = LoadCost(min_load_tokens, lambda: prefill_tokens_per_s)
+    lower = LowerTiers(PagePool(host_pages), mover, policy, cost, disk)
     mirror = TierMirror()
     pool = PagePool(num_pages)
     cache = PrefixCache(pool, PS, chained_hashes, mirror, lower=lower)
@@ -230,9 +232,8 @@ def test_a_short_lower_tier_prefix_is_recomputed_not_loaded() -> None:
 
 
 def test_a_load_back_that_does_not_pay_is_declined() -> None:
-    sched, runner, mirror = build_tiered(num_pages=8, host_pages=32)
+    sched, runner, mirror = build_tiered(num_pages=8, host_pages=32, prefill_tokens_per_s=1e9)
     sched.cache.lower.mover.copy_bytes_per_s = 1.0  # measured: one byte a second
-    sched.cache.lower.cost.prefill_tokens_per_s = 1e9
     a = prompt(100, 5)
     serve(sched, runner, mirror, "a1", a)
     serve(sched, runner, mirror, "b", prompt(200, 5))

@@ -1,5 +1,6 @@
-"""The SLO-driven token budget (``--itl-slo-ms``): the online step-time model on synthetic timings, the
-scheduler's hook, and the real engine cutting prefill chunks to the budget without changing a token."""
+"""The SLO-driven token budget (``--itl-slo-ms``): the online step-time line (``engine.step_times``) on
+synthetic timings, the scheduler's hook, and the real engine cutting prefill chunks to the budget without
+changing a token."""
 
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from engine.kv.prefix_cache import PrefixCache
 from engine.scheduler import Batch, Scheduler, SchedulerConfig
 from engine.sequence import Sequence
 from engine.server.metrics import ServerMetrics
-from engine.step_budget import StepTimeFit, StepTimeModel
+from engine.step_times import StepTimeFit, StepTimes
 
 A, B = 0.020, 0.0005  # 20 ms per step + 0.5 ms per token
 
 
-def trained(sizes, a=A, b=B, noise=0.0, seed=0, cap=2048) -> StepTimeModel:
+def trained(sizes, a=A, b=B, noise=0.0, seed=0, cap=2048) -> StepTimes:
     rng = random.Random(seed)
-    model = StepTimeModel(cap)
+    model = StepTimes(cap)
     for tokens in sizes:
         model.observe(tokens, (a + b * tokens) * (1 + rng.uniform(-noise, noise)))
     return model
@@ -44,7 +45,7 @@ def test_recovers_the_line_from_noisy_steps() -> None:
 
 
 def test_before_enough_samples_the_budget_is_the_cap() -> None:
-    model = StepTimeModel(512)
+    model = StepTimes(512)
     assert model.fit is None and model.budget(0.001, decodes=4) == 512
     model.observe(4, 0.02)
     model.observe(300, 0.2)
@@ -92,7 +93,7 @@ def test_one_step_size_gives_a_conservative_line_through_the_origin() -> None:
 
 
 def test_a_cold_first_step_and_rare_spikes_wash_out() -> None:
-    model = StepTimeModel(2048)
+    model = StepTimes(2048)
     model.observe(300, 50 * (A + 300 * B))  # the first forward pass: 50x slower
     rng = random.Random(3)
     for i, tokens in enumerate(mixed_sizes(600)):
@@ -138,7 +139,7 @@ def test_a_convex_noisy_machine_keeps_most_decode_steps_within_the_slo() -> None
 
     rng = random.Random(5)
     for slo, ideal in ((0.19, 34), (0.4, 85), (1.0, 215)):  # the most tokens with step_s <= slo
-        model = StepTimeModel(2048)
+        model = StepTimes(2048)
         for tokens in [4, 4, 4, 2048, 500, 256, 30, 4]:  # prefill-only steps, then decodes
             model.observe(tokens, step_s(tokens))
         within = []
@@ -205,7 +206,7 @@ def test_scheduler_limits_only_steps_that_carry_decodes() -> None:
 # -- the real engine -------------------------------------------------------------------------------
 
 
-class FixedStepTime(StepTimeModel):
+class FixedStepTime(StepTimes):
     """A step-time model that knows its line in advance and learns nothing (a scripted machine)."""
 
     def __init__(self, fit: StepTimeFit, max_batch_tokens: int, min_prefill_tokens: int) -> None:

@@ -2,23 +2,8 @@ import math
 
 import pytest
 
-from cache.planning.load_profile import MAX_DECODE_POINTS, DecodePoint, KVLoadCost, LoadProfile, StepProfiler
+from cache.planning.load_profile import MAX_DECODE_POINTS, DecodePoint, KVLoadCost, LoadProfile
 from cache.wire.tiers import Tier
-
-
-def test_prefill_and_decode_steps_land_in_their_own_figures() -> None:
-    profiler = StepProfiler(max_batch=64, alpha=0.5)
-    profiler.observe(prefill_tokens=1000, decode_rows=0, seconds=0.5)  # 2000 tok/s
-    profiler.observe(prefill_tokens=480, decode_rows=20, seconds=0.125)  # 4000 tok/s, decodes count
-    profiler.observe(prefill_tokens=8, decode_rows=3, seconds=1.0)  # too small to say anything
-    profiler.observe(prefill_tokens=0, decode_rows=1, seconds=0.010)
-    profiler.observe(prefill_tokens=0, decode_rows=5, seconds=0.020)
-    profiler.observe(prefill_tokens=0, decode_rows=7, seconds=0.030)  # same bucket (4-7) as 5
-    profile = profiler.snapshot()
-    assert profile.prefill_tokens_per_s == pytest.approx(3000)
-    assert profile.decode == (DecodePoint(1, 0.010, 1), DecodePoint(6, 0.025, 2))
-    assert profile.max_batch == 64
-    assert profiler.snapshot() is profile  # unchanged: the same immutable snapshot
 
 
 def test_json_round_trip() -> None:
