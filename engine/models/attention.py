@@ -70,7 +70,7 @@ def paged_attention(
         if seg.mask is None:  # no cached prefix: attend to the fresh K/V directly, no gather
             keys, values = k[rows], v[rows]
         else:
-            keys, values = k_cache[seg.kv_slots], v_cache[seg.kv_slots]
+            keys, values = k_cache.index_select(0, seg.kv_slots), v_cache.index_select(0, seg.kv_slots)
         # 4-D inputs: CPU SDPA takes its fused (flash) kernel only with a batch dimension.
         o = F.scaled_dot_product_attention(
             q[rows].transpose(0, 1).unsqueeze(0),  # [1, H, Q, D]
@@ -95,6 +95,9 @@ def _decode(
     # q: [B, KVH, G, D] -> [B, KVH, G, D]. GQA without repeating K/V: the G query heads of one KV
     # head become G "query positions". All of them sit at the same position, so one key mask
     # serves them all.
-    keys = k_cache[group.kv_slots].transpose(1, 2)  # [B, KVH, Kmax, D]
-    values = v_cache[group.kv_slots].transpose(1, 2)
+    # index_select, not k_cache[slots]: a plain row gather, several times faster than advanced indexing.
+    B, K = group.kv_slots.shape
+    slots = group.kv_slots.view(-1)
+    keys = k_cache.index_select(0, slots).view(B, K, *k_cache.shape[1:]).transpose(1, 2)  # [B, KVH, K, D]
+    values = v_cache.index_select(0, slots).view(B, K, *v_cache.shape[1:]).transpose(1, 2)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=group.mask)
