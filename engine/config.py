@@ -50,6 +50,11 @@ class EngineConfig:
         "matmul weights: float | int8 | int4 | auto (int4 on CPU with bf16, else float); the quantized "
         "modes decode about 2x faster at batch 1 but cached and cold prompts may round differently",
     )
+    quantized_max_rows: int | None = _flag(
+        None,
+        "with quantized --weights: steps of up to this many rows use the quantized kernels, larger ones "
+        "the dense copies (default: measured on this machine while loading, logged)",
+    )
     # Retention pins (engine/kv/retention.py): prefixes a request's ``kv_pin`` holds in the device pool.
     kv_pin_fraction: float = _flag(
         0.5,
@@ -100,6 +105,8 @@ class EngineConfig:
             raise ValueError("page_size, max_batch_tokens and max_running must be positive")
         if self.itl_slo_ms is not None and not (0 < self.itl_slo_ms < float("inf")):  # NaN fails too
             raise ValueError("itl_slo_ms must be a positive number of milliseconds")
+        if self.quantized_max_rows is not None and self.quantized_max_rows < 0:
+            raise ValueError("quantized_max_rows must be 0 or more")
         if not (0 <= self.kv_pin_fraction < 1 and 0 <= self.kv_pin_namespace_fraction < 1):
             raise ValueError("kv_pin_fraction and kv_pin_namespace_fraction must be in [0, 1)")
         if self.hicache_write_policy not in WRITE_POLICIES:

@@ -17,7 +17,7 @@ from cache.prompt.tokenizer import Tokenizer
 from engine.config import EngineConfig
 from engine.models.cpu_linear import packing_available
 from engine.models.llama import LlamaForCausalLM
-from engine.models.quant_linear import resolve_weights
+from engine.models.quant_linear import QuantizedLinear, measure_max_rows, resolve_weights
 from engine.weights import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,25 @@ def served_model_id(config: EngineConfig) -> str:
     return config.model_id or model_path(config.model).name.removesuffix(".gguf")
 
 
+def _set_quantized_max_rows(model: LlamaForCausalLM, configured: int | None) -> None:
+    """Where the quantized kernels stop paying: as configured, else measured here, separately for the
+    layers' projections and the LM head (a 49k-row int8 matrix crosses over at its own row count)."""
+    head = model.packed_head
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m is not head]
+    groups = {"layers": layers, "LM head": [head] if isinstance(head, QuantizedLinear) else []}
+    for name, modules in groups.items():
+        if not modules:
+            continue
+        if configured is not None:
+            for m in modules:
+                m.max_rows = configured
+            continue
+        rows = measure_max_rows(modules)
+        log.info(
+            "quantized kernels serve steps of up to %d rows (%s; measured, --quantized-max-rows)", rows, name
+        )
+
+
 def load_model(config: EngineConfig) -> LoadedModel:
     """Read the checkpoint, build the model on ``config.device`` in ``config.dtype`` (``auto`` resolved)."""
     if config.threads:
@@ -100,6 +119,8 @@ def load_model(config: EngineConfig) -> LoadedModel:
     model.rotary.build()  # keep the rotary tables in fp32 on the device
     if weights == "float" and config.cpu_packed_linears and packing_available(device, dtype):
         model.pack_for_cpu()
+    if weights != "float":
+        _set_quantized_max_rows(model, config.quantized_max_rows)
     log.info(
         "loaded %s on %s as %s, %s weights", path.name, device, str(dtype).removeprefix("torch."), weights
     )

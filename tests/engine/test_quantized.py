@@ -33,9 +33,11 @@ from engine.kv.page_pool import PagePool
 from engine.loader import load_model
 from engine.model_runner import ModelRunner, allocate_kv
 from engine.models.quant_linear import (
+    CALIBRATION_ROWS,
     Int4Linear,
     Int8Linear,
     QuantizedLinear,
+    crossover_rows,
     quantized_kernels_available,
     resolve_weights,
 )
@@ -89,6 +91,24 @@ def test_weights_mode_resolution() -> None:
     assert resolve_weights("auto", cpu, torch.bfloat16) == ("int4" if KERNELS else "float")
     with pytest.raises(ValueError, match="weights must be one of"):
         resolve_weights("int3", cpu, torch.bfloat16)
+
+
+def test_crossover_is_the_last_row_count_where_quantized_wins() -> None:
+    asked: list[tuple[int, bool]] = []
+
+    def seconds(rows: int, quantized: bool) -> float:  # quantized: 1 ms a row; dense: 10 ms flat
+        asked.append((rows, quantized))
+        return rows * 1e-3 if quantized else 10e-3
+
+    assert crossover_rows(seconds, (1, 2, 4, 8, 16, 32)) == 8
+    assert (32, True) not in asked  # it stops at the first count where dense wins (16)
+    assert crossover_rows(lambda rows, quantized: 1.0 if quantized else 0.5) == 0  # dense always
+    assert crossover_rows(lambda rows, quantized: 0.5 if quantized else 1.0) == CALIBRATION_ROWS[-1]
+
+
+def test_quantized_max_rows_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="quantized_max_rows"):
+        EngineConfig(quantized_max_rows=-1)
 
 
 # -- the real model (slow) ---------------------------------------------------------------------------
@@ -175,7 +195,13 @@ def test_int4_greedy_is_identical_cold_warm_and_batched(smollm2_gguf_path) -> No
     In fp32 activations, as the rest of the engine's invariance tests: in bf16 a batched prefill
     changes the dense GEMM's blocking and can flip a greedy near-tie, so bf16 outputs are not
     batch-invariant token for token (see docs/benchmarks.md)."""
-    config = EngineConfig(model=str(smollm2_gguf_path), dtype="float32", weights="int4", kv_cache_tokens=4096)
+    config = EngineConfig(
+        model=str(smollm2_gguf_path),
+        dtype="float32",
+        weights="int4",
+        kv_cache_tokens=4096,
+        quantized_max_rows=4,
+    )
     loaded = load_model(config)
     tok = loaded.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}])) for t in TEXTS]
@@ -194,3 +220,22 @@ def test_int4_greedy_is_identical_cold_warm_and_batched(smollm2_gguf_path) -> No
     batched = run(LLMEngine(config, loaded), prompts)
     assert warm == cold
     assert batched == cold
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_loader_sets_where_quantized_kernels_stop(smollm2_gguf_path) -> None:
+    """Configured, every quantized module takes the value; measured, the layers share one crossover
+    among the candidates and the LM head has its own (no timing is asserted: only that it was set)."""
+    path = str(smollm2_gguf_path)
+    model = load_model(EngineConfig(model=path, dtype="bfloat16", weights="int4", quantized_max_rows=3)).model
+    modules = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(modules) == 4 * model.config.num_layers + 1
+    assert {m.max_rows for m in modules} == {3}
+
+    model = load_model(EngineConfig(model=path, dtype="bfloat16", weights="int4")).model
+    layers = {
+        m.max_rows for m in model.modules() if isinstance(m, QuantizedLinear) and m is not model.packed_head
+    }
+    assert len(layers) == 1 and layers <= {0, *CALIBRATION_ROWS}
+    assert model.packed_head.max_rows in {0, *CALIBRATION_ROWS}
