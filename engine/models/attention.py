@@ -8,7 +8,7 @@ only does an ``index_copy_`` (write) and a gather (read).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,11 @@ import torch.nn.functional as F
 class KVCache:
     k: torch.Tensor  # [L, num_slots, KVH, D]
     v: torch.Tensor  # [L, num_slots, KVH, D]
+    # (k[l], v[l]) per layer, taken once: a step would otherwise index the pool twice per layer.
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))
 
 
 @dataclass
@@ -55,7 +60,7 @@ def paged_attention(
     layer: int,
     batch: AttentionBatch,
 ) -> torch.Tensor:
-    k_cache, v_cache = kv.k[layer], kv.v[layer]
+    k_cache, v_cache = kv.layers[layer]
     k_cache.index_copy_(0, batch.slot_mapping, k)
     v_cache.index_copy_(0, batch.slot_mapping, v)
     T, H, D = q.shape
