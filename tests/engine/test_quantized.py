@@ -16,6 +16,7 @@ The thresholds leave 1.5-4x headroom in KL (and 2-3 points of agreement) for oth
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json.decoder
 import textwrap
@@ -32,6 +33,8 @@ from engine.engine import LLMEngine
 from engine.kv.page_pool import PagePool
 from engine.loader import load_model
 from engine.model_runner import ModelRunner, allocate_kv
+from engine.models.config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
 from engine.models.quant_linear import (
     CALIBRATION_ROWS,
     Int4Linear,
@@ -239,3 +242,26 @@ def test_loader_sets_where_quantized_kernels_stop(smollm2_gguf_path) -> None:
     }
     assert len(layers) == 1 and layers <= {0, *CALIBRATION_ROWS}
     assert model.packed_head.max_rows in {0, *CALIBRATION_ROWS}
+
+
+@needs_kernels
+def test_a_model_quantized_after_it_ran_computes_what_one_quantized_before_does() -> None:
+    """Each step runs the layers through plans of plain references to their modules' matmuls; swapping
+    the modules (quantize, pack_for_cpu) after a step must take effect, not leave the plans on the
+    dense ones. int8 changes the logits well beyond fp32 noise, so a stale plan shows."""
+    config = ModelConfig("llama", 96, 64, 128, 2, 4, 2, 16, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ran_first = LlamaForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for p in ran_first.parameters():
+            p.normal_(0, 0.5)
+    fresh = copy.deepcopy(ran_first)
+    prompt = list(range(3, 40))
+
+    dense = all_logits(ran_first, prompt, torch.float32)
+    for model in (ran_first, fresh):
+        model.quantize("int8")
+        force_quantized_kernels(model)
+    quantized = all_logits(ran_first, prompt, torch.float32)
+    assert torch.equal(quantized, all_logits(fresh, prompt, torch.float32))
+    assert (quantized - dense).abs().max() / dense.abs().max() > 1e-4
