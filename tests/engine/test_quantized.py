@@ -3,8 +3,8 @@ model's quality against the dequantized fp32 reference.
 
 Quality is measured over every position of ~2,000 tokens of fixed text (Python's own sources: code,
 docstrings, prose), with the quantized kernels forced for every row (normally they serve only
-batches of up to ``QUANTIZED_MAX_ROWS`` rows; the dense path is the plain float model). Measured on
-this project's 2-core AVX512-BF16 CPU, against fp32 with dequantized weights:
+steps of up to the crossover the loader measures; the dense path is the plain float model).
+Measured on this project's 2-core AVX512-BF16 CPU, against fp32 with dequantized weights:
 
     mode (activations)     top-1 agreement   mean KL(ref || mode), nats
     float (bf16)           0.981             0.0013
