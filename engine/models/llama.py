@@ -127,8 +127,8 @@ class LayerPlan:
     A step runs every layer through these, so its inner loop does no ``nn.Module`` attribute lookups
     and no ``__call__`` hook checks: together about 1.5 ms of a 9 ms batch-1 decode step of the
     default 30-layer model on CPU, where each layer's own kernels take tens of microseconds.
-    ``model.to()`` keeps Parameter objects and modules, so a plan stays valid across it; swapping a
-    module for another (``quantize``, ``pack_for_cpu``) makes the model build new plans."""
+    The model drops its plans whenever they could go stale: ``.to()`` and kin (``_apply``, which may
+    replace Parameter objects) and swapping a module for another (``quantize``, ``pack_for_cpu``)."""
 
     index: int
     input_norm: torch.Tensor
