@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
+from cache.api.kv_fields import KVPin
 from cache.api.replies import KVFetch
-from cache.api.requests import KVPin
 from cache.api.sampling import SamplingParams
 from cache.prompt.tokenizer import Tokenizer
 from engine.engine import EngineInfo, EngineStats, LLMEngine

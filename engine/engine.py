@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from cache.api.requests import KVPin, ServingLimits
+from cache.api.kv_fields import KVPin
+from cache.api.requests import ServingLimits
 from cache.api.sampling import SamplingParams
 from cache.planning.load_profile import LoadProfile
 from cache.wire.hashing import block_hashes, namespace_seed

@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from cache.api.requests import KVPin
+from cache.api.kv_fields import KVPin
 from cache.api.sampling import SamplingParams
 from engine.kv.prefix_cache import Node
 

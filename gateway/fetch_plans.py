@@ -2,7 +2,7 @@
 
 When the policy sends a request to worker B although worker A holds a longer prefix of its prompt (load
 balancing, a session pin, A excluded from the candidates), the gateway attaches ``kv_fetch_plan``
-(``cache.api.requests.FetchPlan``, docs/kv-transfer.md) naming A as the source of the blocks B lacks, when:
+(``cache.api.kv_fields.FetchPlan``, docs/kv-transfer.md) naming A as the source of the blocks B lacks, when:
 
 * both run KV transfer (``--kv-transfer``: the worker probe read ``GET /kv_transfer/info``) with equal KV
   layouts (model, dtype, shape, page size), since pages are exchanged byte for byte;
@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cache.api.requests import MAX_FETCH_ENDPOINT_CHARS, MAX_FETCH_PLAN_BLOCKS, FetchPlan
+from cache.api.kv_fields import MAX_FETCH_ENDPOINT_CHARS, MAX_FETCH_PLAN_BLOCKS, FetchPlan
 from cache.index.radix_index import MatchResult
 from gateway.config import RoutingConfig
 from gateway.metrics import GatewayMetrics

@@ -12,7 +12,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cache.api.errors import ApiError
-from cache.api.requests import GenerationRequest, Kind, ServingLimits, parse_request, read_json
+from cache.api.fields import read_json
+from cache.api.requests import GenerationRequest, Kind, ServingLimits, parse_request
 from cache.index.ops import ClearedOp
 from gateway.config import Tenant
 from gateway.dispatch import GATEWAY_ONLY_FIELDS

@@ -3,7 +3,7 @@
 Clients say how long a prefix should stay cached: OpenAI's ``prompt_cache_retention`` (chat, Responses:
 ``in_memory`` or ``24h``) for the whole prompt, Anthropic's ``cache_control`` ttl (``5m``, ``1h``) for
 the prefix up to each breakpoint. The gateway turns that into the engine's ``kv_pin`` field
-(``cache.api.requests.KVPin``: ``{"ttl_s", "tokens"}``), each ttl bounded by ``--max-retention-s``,
+(``cache.api.kv_fields.KVPin``: ``{"ttl_s", "tokens"}``), each ttl bounded by ``--max-retention-s``,
 and sends it to workers of our engine only (``Dispatcher``): there the prefix stays in the device
 pool for that long (``engine.kv.retention``), within the engine's per-namespace budget — one tenant's,
 since the gateway sends each tenant's salt as the namespace — and its overall one. Other workers get the

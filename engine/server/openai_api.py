@@ -20,7 +20,8 @@ from aiohttp import web
 
 from cache.api import sse
 from cache.api.errors import ApiError
-from cache.api.requests import GenerationRequest, Kind, parse_request, read_json
+from cache.api.fields import read_json
+from cache.api.requests import GenerationRequest, Kind, parse_request
 from engine.async_engine import GenerationChunk
 from engine.server.choices import Choice, ChoiceLogprobs, TokenTexts
 from engine.server.generation import generate_chunks, new_request_id

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from cache.api import sse
 from cache.api.errors import ApiError, bad_request
-from cache.api.requests import GenerationRequest, get_bool, parse_request, read_json
+from cache.api.fields import get_bool, read_json
+from cache.api.requests import GenerationRequest, parse_request
 from engine.async_engine import GenerationChunk
 from engine.sampling import TokenLogprobs
 from engine.server.choices import TokenTexts

@@ -16,7 +16,8 @@ from typing import Any
 from aiohttp import web
 
 from cache.api.errors import ApiError, bad_request
-from cache.api.requests import chat_prompt_ids, get_bool, get_token_ids, read_json
+from cache.api.fields import get_bool, get_token_ids, read_json
+from cache.api.requests import chat_prompt_ids
 from cache.api.tools import get_tools
 from cache.prompt.tokenizer import Tokenizer
 from engine.server.state import STATE, ServerState

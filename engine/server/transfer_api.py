@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from cache.api.errors import ApiError, bad_request
-from cache.api.requests import read_json
+from cache.api.fields import read_json
 from engine.server.state import STATE
 from engine.transfer.exporter import ExportRefused
 from engine.transfer.protocol import ExportRequest, ProtocolError

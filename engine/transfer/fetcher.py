@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import aiohttp
 import xxhash
 
-from cache.api.requests import FetchPlan
+from cache.api.kv_fields import FetchPlan
 from cache.planning.fetch_cost import FetchCost, FetchCostMeter
 from engine.async_engine import AsyncEngine
 from engine.kv.prefix_cache import BlockHasher

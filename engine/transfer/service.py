@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from cache.api.requests import FetchPlan
+from cache.api.kv_fields import FetchPlan
 from engine.async_engine import AsyncEngine
 from engine.transfer.buffer import TransferBuffer
 from engine.transfer.config import TransferConfig

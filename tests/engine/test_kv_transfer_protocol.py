@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cache.api.errors import ApiError
-from cache.api.requests import FetchPlan, get_fetch_plan
+from cache.api.kv_fields import FetchPlan, get_fetch_plan
 from engine.transfer.buffer import TransferBuffer
 from engine.transfer.protocol import ExportReply, ExportRequest, KVLayout, ProtocolError
 

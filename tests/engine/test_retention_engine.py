@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from cache.api.requests import KVPin
+from cache.api.kv_fields import KVPin
 from cache.api.sampling import SamplingParams
 from engine.engine import LLMEngine
 from engine.sequence import Sequence

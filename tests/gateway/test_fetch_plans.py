@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from cache.api.requests import MAX_FETCH_PLAN_BLOCKS, chat_prompt_ids
+from cache.api.kv_fields import MAX_FETCH_PLAN_BLOCKS
+from cache.api.requests import chat_prompt_ids
 from cache.index.ops import StoredOp
 from cache.index.radix_index import MatchResult
 from cache.index.store import LocalIndexStore

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from cache.api.errors import ApiError
-from cache.api.requests import MAX_CACHE_SALT_CHARS, get_cache_salt
+from cache.api.kv_fields import MAX_CACHE_SALT_CHARS, get_cache_salt
 from cache.api.sampling import SamplingParams
 from engine.kv.page_pool import PagePool
 from engine.kv.prefix_cache import PrefixCache
