@@ -119,13 +119,15 @@ class Dispatcher:
                     if self.router.disaggregated
                     else None
                 )
+                if leg is not None:  # disaggregated: the body arranged for the decode worker
+                    attempt_body = leg.body
+                elif decision.fetch is None and not pins:
+                    attempt_body = body
+                else:  # this worker's fetch plan or retention pins go into its copy of the body
+                    attempt_body = upstream_body(req, decision.fetch, pins)[0]
                 call = UpstreamCall(
                     url=worker.url + PATHS[req.kind],
-                    body=leg.body
-                    if leg is not None
-                    else body
-                    if decision.fetch is None and not pins
-                    else upstream_body(req, decision.fetch, pins)[0],
+                    body=attempt_body,
                     request_id=req.request_id,
                     received=req.received,
                     strip_usage=strip_usage,
