@@ -40,12 +40,15 @@ def time_prefill(engine: LLMEngine, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def decode_throughput(engine: LLMEngine, rng: random.Random, batch: int, steps: int, vocab: int) -> float:
-    """Aggregate decode tokens/s once every sequence is past its prefill."""
+def decode_throughput(
+    engine: LLMEngine, rng: random.Random, batch: int, steps: int, vocab: int, prompt_tokens: int = 32
+) -> float:
+    """Aggregate decode tokens/s once every sequence is past its prefill of ``prompt_tokens`` tokens."""
     engine.flush_cache()
     params = SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True)
     seqs = [
-        engine.make_sequence(f"d{batch}-{i}", random_prompt(rng, 32, vocab), params) for i in range(batch)
+        engine.make_sequence(f"d{batch}-{i}", random_prompt(rng, prompt_tokens, vocab), params)
+        for i in range(batch)
     ]
     for s in seqs:
         engine.add(s)

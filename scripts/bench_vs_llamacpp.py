@@ -1,6 +1,6 @@
 """prefixgate's engine next to llama.cpp on the same GGUF, same threads, in one process, interleaved.
 
-    python scripts/bench_vs_llamacpp.py [--weights float,int4] [--threads 2] [--rounds 3]
+    python scripts/bench_vs_llamacpp.py [--weights float,int4] [--threads 2] [--rounds 3] [--long-context 2000]
 
 llama.cpp comes from llama-cpp-python, which is NOT a prefixgate dependency. Install it into the
 venv when you want the comparison (it builds llama.cpp from source, ~6 minutes on 2 cores):
@@ -11,7 +11,8 @@ Without it the script prints the engine's figures alone and says that llama.cpp 
 
 Each round measures llama.cpp, then each engine mode, back to back: prefill of 1,000 and 2,000
 random tokens (cold, one sequence), greedy decode at batch 1 after a 32-token prompt, and (engine
-only: llama-cpp-python does not batch sequences) aggregate decode at batch 8. The machine's speed
+only: llama-cpp-python does not batch sequences) aggregate decode at batch 8; with ``--long-context
+N``, decode at batch 1 after an N-token prompt too (what a long shared system prompt costs per token). The machine's speed
 drifts, so figures are the median over rounds and every ratio is taken within one round.
 
 llama.cpp runs in a child process of this script (same prompts, sent over a pipe): loaded next to
@@ -88,8 +89,8 @@ def serve_llama_cpp(path: str, threads: int) -> None:
     """Child: one JSON request per stdin line -> one JSON answer per stdout line."""
     try:
         worker = LlamaCppWorker(path, threads)
-    except ImportError:
-        print(json.dumps({"error": "llama-cpp-python is not installed"}), flush=True)
+    except ImportError as exc:  # not installed, or one of its own imports is missing (e.g. diskcache)
+        print(json.dumps({"error": f"llama-cpp-python does not import: {exc}"}), flush=True)
         return
     print(json.dumps({"version": __import__("llama_cpp").__version__}), flush=True)
     for line in sys.stdin:
@@ -144,18 +145,24 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(100, vocab) for _ in range(n)]  # as engine.benchmark: no special tokens
 
 
-def engine_round(engine, rng: random.Random, vocab: int, steps: int) -> dict[str, float]:
+def engine_round(engine, rng: random.Random, vocab: int, steps: int, long_context: int) -> dict[str, float]:
     from engine.benchmark import decode_throughput, time_prefill
 
     out = {f"prefill_{n}": n / time_prefill(engine, random_prompt(rng, n, vocab)) for n in PREFILLS}
-    out["decode_b1"] = decode_throughput(engine, rng, 1, steps, vocab)
-    out["decode_b8"] = decode_throughput(engine, rng, 8, steps, vocab)
+    out["decode_b1"] = decode_throughput(engine, rng, 1, steps, vocab, PROMPT)
+    out["decode_b8"] = decode_throughput(engine, rng, 8, steps, vocab, PROMPT)
+    if long_context:
+        out["decode_b1_long"] = decode_throughput(engine, rng, 1, steps, vocab, long_context)
     return out
 
 
-def llama_round(llm: LlamaCpp, rng: random.Random, vocab: int, steps: int) -> dict[str, float]:
+def llama_round(
+    llm: LlamaCpp, rng: random.Random, vocab: int, steps: int, long_context: int
+) -> dict[str, float]:
     out = {f"prefill_{n}": llm.prefill_tok_s(random_prompt(rng, n, vocab)) for n in PREFILLS}
     out["decode_b1"] = llm.decode_tok_s(random_prompt(rng, PROMPT, vocab), steps)
+    if long_context:
+        out["decode_b1_long"] = llm.decode_tok_s(random_prompt(rng, long_context, vocab), steps)
     return out
 
 
@@ -167,6 +174,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=64)
+    parser.add_argument(
+        "--long-context",
+        type=int,
+        default=0,
+        help="also decode at batch 1 after a prompt of this many tokens (a long shared prefix; < 3,900)",
+    )
     parser.add_argument("--json", action="store_true", help="also print every round as JSON")
     parser.add_argument("--llama-cpp-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,9 +206,9 @@ def main() -> None:
     vocab = next(iter(engines.values())).model.config.vocab_size
     try:
         llama: LlamaCpp | None = LlamaCpp(path, args.threads)
-    except ImportError:
+    except ImportError as exc:
         llama = None
-        print("llama.cpp skipped: llama-cpp-python is not installed (pip install llama-cpp-python)")
+        print(f"llama.cpp skipped: {exc} (pip install llama-cpp-python)")
 
     rng = random.Random(0)
     for engine in engines.values():  # warm-up: allocator, kernels
@@ -208,9 +221,9 @@ def main() -> None:
     for r in range(args.rounds):
         row: dict[str, dict[str, float]] = {}
         if llama is not None:
-            row["llama.cpp"] = llama_round(llama, rng, vocab, args.decode_steps)
+            row["llama.cpp"] = llama_round(llama, rng, vocab, args.decode_steps, args.long_context)
         for name, engine in engines.items():
-            row[name] = engine_round(engine, rng, vocab, args.decode_steps)
+            row[name] = engine_round(engine, rng, vocab, args.decode_steps, args.long_context)
         rounds.append(row)
         if args.json:
             print(json.dumps({"round": r, **row}))
@@ -218,23 +231,30 @@ def main() -> None:
     print(f"model {path.name}, {args.threads} threads, {args.rounds} rounds (median; ratios within a round)")
     if llama is not None:
         print(f"llama-cpp-python {llama.version}")
-    print(f"{'':32s} {'prefill 1k':>11s} {'prefill 2k':>11s} {'decode b1':>10s} {'decode b8':>10s}  tok/s")
+    decode = ["decode_b1", "decode_b8"] + (["decode_b1_long"] if args.long_context else [])
+    heads = ["decode b1", "decode b8"] + ([f"b1 @{args.long_context}"] if args.long_context else [])
+    print(
+        f"{'':32s} {'prefill 1k':>11s} {'prefill 2k':>11s} "
+        + " ".join(f"{h:>10s}" for h in heads)
+        + "  tok/s"
+    )
     for name in rounds[0]:
         figs = {k: statistics.median(rd[name][k] for rd in rounds) for k in rounds[0][name]}
         cells = [f"{figs.get(k, float('nan')):11.1f}" for k in ("prefill_1000", "prefill_2000")]
-        cells += [f"{figs.get(k, float('nan')):10.1f}" for k in ("decode_b1", "decode_b8")]
+        cells += [f"{figs.get(k, float('nan')):10.1f}" for k in decode]
         print(f"{name:32s} {' '.join(cells)}")
         if llama is None or name == "llama.cpp":
             continue
         ratio = {
             k: statistics.median(rd[name][k] / rd["llama.cpp"][k] for rd in rounds)
-            for k in ("prefill_1000", "prefill_2000", "decode_b1")
+            for k in ("prefill_1000", "prefill_2000", *decode)
+            if k != "decode_b8"
         }
         ratio["decode_b8"] = statistics.median(
             rd[name]["decode_b8"] / rd["llama.cpp"]["decode_b1"] for rd in rounds
         )
         cells = [f"{ratio[k]:10.2f}x" for k in ("prefill_1000", "prefill_2000")]
-        cells += [f"{ratio[k]:9.2f}x" for k in ("decode_b1", "decode_b8")]
+        cells += [f"{ratio[k]:9.2f}x" for k in decode]
         print(f"{'  vs llama.cpp (b8: vs its b1)':32s} {' '.join(cells)}")
     if llama is not None:
         llama.close()
