@@ -26,6 +26,14 @@ def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
+# At least this many decoding sequences sharing at least this many leading keys attend to them once,
+# in one batch (cascade attention). Measured on 2 cores, bf16, against each row attending to all its
+# keys: 2 rows on 2,000 shared tokens 0.64-0.84x (slower), 3 rows on 1,000 1.01x, 4 rows on 512
+# 1.06x and on 2,000 1.10x, 8 rows on 256 1.05-1.21x and on 2,000 2.5-2.65x, 16 rows on 1,000 1.69x.
+CASCADE_MIN_ROWS = 4
+CASCADE_MIN_TOKENS = 256
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv: KVCache, page_size: int) -> None:
         self.model = model
@@ -36,7 +44,23 @@ class ModelRunner:
         self._offsets = np.arange(page_size, dtype=np.int64)
         # Pure decode steps replay CUDA graphs (engine.models.decode_graphs) on CUDA.
         self.cuda_graphs = self.device.type == "cuda"
+        # Decodes sharing a long cached prefix attend to it once (attention._cascade; CPU kernels).
+        self.cascade = self.device.type == "cpu"
         self._graphs = None  # DecodeGraphs, built on the first decode step that uses them
+
+    def _shared_prefix_tokens(self, seqs: list[Sequence], slots: list[np.ndarray]) -> int:
+        """Keys every decoding sequence shares (the same cached pages at the start of each page
+        table), if at least ``CASCADE_MIN_TOKENS`` and ``CASCADE_MIN_ROWS`` sequences; else 0."""
+        if len(seqs) < CASCADE_MIN_ROWS:
+            return 0
+        first = seqs[0].pages
+        shared = min(len(s) - 1 for s in slots) // self.page_size  # whole pages before every last key
+        for seq in seqs[1:]:
+            pages = seq.pages
+            shared = next((i for i in range(shared) if pages[i] != first[i]), shared)
+            if shared * self.page_size < CASCADE_MIN_TOKENS:
+                return 0
+        return shared * self.page_size
 
     def _slots(self, seq: Sequence, end: int) -> np.ndarray:
         """Slots of tokens ``0 .. end-1`` of ``seq``."""
@@ -52,6 +76,7 @@ class ModelRunner:
         prefills: list[PrefillSegment] = []
         decode_rows: list[int] = []
         decode_slots: list[np.ndarray] = []
+        decode_seqs: list[Sequence] = []
         logits_rows: list[int] = []
         sampled: list[Sequence] = []
         row = 0
@@ -65,6 +90,7 @@ class ModelRunner:
             if n == 1 and start > 0:
                 decode_rows.append(row)
                 decode_slots.append(slots)
+                decode_seqs.append(seq)
             else:
                 mask = None
                 if start > 0:  # cached prefix: query i sits at position start+i and sees keys <= it
@@ -78,6 +104,11 @@ class ModelRunner:
 
         decode = None
         if decode_rows:
+            prefix_slots = None
+            shared = self._shared_prefix_tokens(decode_seqs, decode_slots) if self.cascade else 0
+            if shared:  # cascade attention: the shared keys once, each row's own keys after them
+                prefix_slots = torch.from_numpy(decode_slots[0][:shared]).to(self.device)
+                decode_slots = [s[shared:] for s in decode_slots]
             lengths = np.array([len(s) for s in decode_slots])
             padded = np.zeros((len(decode_slots), lengths.max()), dtype=np.int64)
             for r, s in enumerate(decode_slots):
@@ -93,6 +124,7 @@ class ModelRunner:
                 torch.from_numpy(padded).to(self.device),
                 mask,
                 all_rows=len(decode_rows) == row,  # decodes only: their rows are 0..B-1 in order
+                prefix_slots=prefix_slots,
             )
         attn = AttentionBatch(
             torch.from_numpy(np.concatenate(slot_mapping)).to(self.device), prefills, decode
