@@ -118,6 +118,8 @@ class ModelRunner:
                 mask = torch.from_numpy(np.arange(lengths.max())[None, :] < lengths[:, None])[
                     :, None, None, :
                 ]
+                if prefix_slots is not None:  # the cascade's kernel takes an additive bias
+                    mask = torch.zeros(mask.shape, dtype=self.kv.k.dtype).masked_fill_(~mask, float("-inf"))
                 mask = mask.to(self.device)
             decode = DecodeGroup(
                 torch.tensor(decode_rows, device=self.device),

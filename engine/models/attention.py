@@ -44,7 +44,9 @@ class DecodeGroup:
 
     rows: torch.Tensor  # [B] rows of the packed token stream
     kv_slots: torch.Tensor  # [B, Kmax] slots, padded with slot 0
-    mask: torch.Tensor | None  # [B, 1, 1, Kmax] bool (True = attend); None when no padding
+    # [B, 1, 1, Kmax] bool (True = attend), None when no padding; with prefix_slots an additive bias
+    # in the activation dtype instead (0 or -inf: what the CPU flash kernel behind the cascade takes)
+    mask: torch.Tensor | None
     all_rows: bool = False  # rows == 0..B-1 == every row of the step: q needs no gather, out no scatter
     prefix_slots: torch.Tensor | None = None  # [P] slots of the keys every row shares, else None
 
@@ -121,7 +123,7 @@ def _cascade(
     prefix_slots: torch.Tensor,  # [P]: keys every row attends to
     keys: torch.Tensor,  # [B, KVH, K, D]: each row's own keys after the prefix
     values: torch.Tensor,
-    mask: torch.Tensor | None,  # [B, 1, 1, K] bool
+    bias: torch.Tensor | None,  # [B, 1, 1, K] additive, in q's dtype
 ) -> torch.Tensor:
     """Cascade attention (FlashInfer's): the shared prefix once for every row, its keys gathered once
     and all rows' queries stacked into one bigger tile (where CPU flash attention is efficient), each
@@ -134,7 +136,6 @@ def _cascade(
     out_p, lse_p = flash(q.transpose(0, 1).reshape(1, KVH, B * G, D), prefix_k, prefix_v)[:2]
     out_p = out_p.view(KVH, B, G, D).transpose(0, 1)  # [B, KVH, G, D]
     lse_p = lse_p.view(KVH, B, G).transpose(0, 1)  # [B, KVH, G] fp32
-    bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
     out_s, lse_s = flash(q, keys, values, attn_mask=bias)[:2]
     top = torch.maximum(lse_p, lse_s)
     w_p, w_s = (lse_p - top).exp_().unsqueeze(-1), (lse_s - top).exp_().unsqueeze(-1)

@@ -36,6 +36,8 @@ def test_cascade_equals_attending_to_all_keys() -> None:
         mask = torch.zeros(len(rows_slots), 1, 1, width, dtype=torch.bool)
         for r, s in enumerate(rows_slots):
             padded[r, : len(s)], mask[r, ..., : len(s)] = s, True
+        if prefix_slots is not None:  # the cascade takes the mask as an additive bias (as prepare builds it)
+            mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         return DecodeGroup(torch.arange(len(rows_slots)), padded, mask, True, prefix_slots)
 
     full = attention._decode(q, k_cache, v_cache, group([torch.cat([prefix, s]) for s in own], None))
