@@ -40,6 +40,16 @@ def time_prefill(engine: LLMEngine, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
+def time_steps(engine: LLMEngine) -> list[float]:
+    """Step ``engine`` until it has no work left; the seconds of each step."""
+    times = []
+    while engine.scheduler.has_work():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def decode_throughput(
     engine: LLMEngine, rng: random.Random, batch: int, steps: int, vocab: int, prompt_tokens: int = 32
 ) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
 
 
 def main() -> None:
@@ -29,6 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from cache.api.sampling import SamplingParams
+    from engine.benchmark import time_steps
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
     from engine.loader import load_model
@@ -56,12 +56,7 @@ def main() -> None:
             engine.add(s)
         while any(not s.output_ids for s in seqs):
             engine.step()
-        times = []
-        while engine.scheduler.has_work():
-            start = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - start)
-        return [s.output_ids for s in seqs], statistics.median(times)
+        return [s.output_ids for s in seqs], statistics.median(time_steps(engine))
 
     for r in range(args.rounds):
         plain, t_plain = run(False, r)

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from cache.api.sampling import SamplingParams
+from engine.benchmark import time_steps
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.loader import LoadedModel, load_model
@@ -140,12 +141,7 @@ def batch4_decode_step_s(config: EngineConfig, loaded: LoadedModel, workload: Wo
         engine.add(s)
     while any(len(s.output_ids) < 8 for s in seqs):
         engine.step()
-    times = []
-    while engine.scheduler.has_work():
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_steps(engine))
 
 
 def main() -> None:
