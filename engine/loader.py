@@ -15,6 +15,7 @@ import torch
 from cache.prompt.model_files import model_path
 from cache.prompt.tokenizer import Tokenizer
 from engine.config import EngineConfig
+from engine.models import fused_decode
 from engine.models.cpu_linear import packing_available
 from engine.models.llama import LlamaForCausalLM
 from engine.models.quant_linear import QuantizedLinear, measure_max_rows, resolve_weights
@@ -121,6 +122,10 @@ def load_model(config: EngineConfig) -> LoadedModel:
         model.pack_for_cpu()
     if weights != "float":
         _set_quantized_max_rows(model, config.quantized_max_rows)
+    # Built (or loaded from its cache) now, not on the first request: a first build takes ~45 s.
+    model.fused_decode = (
+        config.fused_decode and device.type == "cpu" and fused_decode.load_extension() is not None
+    )
     log.info(
         "loaded %s on %s as %s, %s weights", path.name, device, str(dtype).removeprefix("torch."), weights
     )

@@ -49,4 +49,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   python -m pip install -q mooncake-transfer-engine-non-cuda \
     || echo "warning: could not install mooncake-transfer-engine-non-cuda; the KV transfer tests skip" >&2
 fi
+# The fused CPU decode step (engine/models/fused_decode.cpp) compiles once, here rather than in the first
+# engine start; without a C++ compiler the engine decodes layer by layer in Python and says so.
+python -c "from engine.models.fused_decode import load_extension; load_extension()" \
+  || echo "warning: the fused decode extension did not build; engines decode layer by layer" >&2
 echo "prefixgate is set up in .venv (torch $(python -c 'import torch; print(torch.__version__)'))"

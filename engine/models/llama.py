@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.models import fused_decode
 from engine.models.attention import AttentionBatch, KVCache, paged_attention
 from engine.models.config import ModelConfig
 from engine.models.cpu_linear import PackedLinear, pack_linears
@@ -186,10 +187,18 @@ class LlamaForCausalLM(nn.Module):
             None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
         self.packed_head: nn.Module | None = None  # see pack_for_cpu and quantize
+        # Pure decode steps run every layer in one C++ call (fused_decode.py; CPU: set by the loader).
+        self.fused_decode = False
         self._plans: list[LayerPlan] | None = None  # built on first use; None again when modules change
+        self._fused = None  # fused_decode.build's decoder, likewise
+
+    def replan(self) -> None:
+        """Drop the plans and the fused decoder, which hold references to the current weights and
+        settings (quantized ``max_rows``): the next step rebuilds them."""
+        self._plans = self._fused = None
 
     def _apply(self, fn, recurse=True):  # .to(), .to_empty(), ...: may replace parameters, so re-plan
-        self._plans = None
+        self.replan()
         return super()._apply(fn, recurse)
 
     def plans(self) -> list[LayerPlan]:
@@ -197,10 +206,16 @@ class LlamaForCausalLM(nn.Module):
             self._plans = [LayerPlan.of(layer, i, self.config) for i, layer in enumerate(self.layers)]
         return self._plans
 
+    def fused_decoder(self):
+        """The C++ decoder of pure decode steps, or None where the extension could not build."""
+        if self._fused is None:
+            self._fused = fused_decode.build(self)
+        return self._fused
+
     def pack_for_cpu(self) -> None:
         """Pre-pack every matmul weight for oneDNN (fp32 CPU inference only; weights are then frozen)."""
         pack_linears(self)
-        self._plans = None
+        self.replan()
         if self.lm_head is None:  # tied: the head gets its own packed copy of the embedding
             self.packed_head = PackedLinear(self.embed_tokens.weight, None)
 
@@ -246,7 +261,7 @@ class LlamaForCausalLM(nn.Module):
                 setattr(parent, attr, Int4Linear(GroupQuant4.cat(parts), linear.bias))
         head = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight
         self.packed_head = Int8Linear(head, None)
-        self._plans = None
+        self.replan()
 
     @torch.inference_mode()
     def forward(
@@ -259,8 +274,17 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions)
-        for plan in self.plans():
-            x = plan.forward(x, rope, batch, kv)
+        decode = batch.decode
+        fused = (
+            self.fused_decoder()
+            if self.fused_decode and decode is not None and decode.all_rows and decode.prefix_slots is None
+            else None
+        )
+        if fused is not None:
+            x = fused.forward(x, *rope, kv.k, kv.v, batch.slot_mapping, decode.kv_slots, decode.mask)
+        else:
+            for plan in self.plans():
+                x = plan.forward(x, rope, batch, kv)
         if logits_indices is not None:
             x = x[logits_indices]  # the LM head over 49k vocab is costly: only where we sample
         x = rms_norm(x, self.norm.weight, self.norm.eps)

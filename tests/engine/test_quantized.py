@@ -140,6 +140,7 @@ def force_quantized_kernels(model) -> int:
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     for m in layers:
         m.max_rows = 1 << 30
+    model.replan()  # the fused decoder read the old max_rows
     return len(layers)
 
 

@@ -1,0 +1,89 @@
+"""Pure decode steps on CPU with every layer in one C++ call (``fused_decode.cpp``).
+
+At batch 1 the default 135M model's decode step is about 1,500 tensor ops of a few hundred numbers
+each, whose kernels take less time than Python spends between them: interpreter, argument parsing and
+dispatch, a few microseconds an op. The C++ loop runs the same ATen ops in the same order as
+``LayerPlan.forward``, so its results are bitwise those of the Python path, without that overhead:
+measured on 2 cores, the 30 layers of a batch-1 step take about 0.55x the time (docs/benchmarks.md).
+
+The extension is compiled on first use through PyTorch's own ``torch.utils.cpp_extension`` (the
+system's C++ compiler and ninja, ~45 s) and cached on disk for later processes
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``); where it cannot build,
+``load_extension`` logs why once and the model keeps the Python path. Steps with prefill chunks and
+cascade steps take the Python path; CUDA decode steps replay CUDA graphs instead (decode_graphs.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.models.cpu_linear import PackedLinear
+from engine.models.quant_linear import Int4Linear, Int8Linear
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+_NONE = torch.empty(0)  # an absent tensor, as the C++ side reads it
+
+
+@cache
+def load_extension() -> Any | None:
+    """The compiled extension module, or None (logged once) where this machine cannot build it."""
+    try:
+        from torch.utils import cpp_extension
+
+        return cpp_extension.load("prefixgate_fused_decode", [str(SOURCE)], extra_cflags=["-O2"])
+    except Exception as exc:  # no compiler, no ninja, no headers: the Python path still works
+        log.warning("fused CPU decode unavailable, decoding layer by layer in Python: %s", exc)
+        return None
+
+
+def matmul_spec(module: nn.Module) -> tuple[int, list[torch.Tensor], list[int]]:
+    """``(kind, [weight, scales, bias, dense], [group_size, max_rows])`` as fused_decode.cpp's Matmul
+    takes one projection; empty tensors stand for absent ones."""
+    bias = _NONE if module.bias is None else module.bias
+    if isinstance(module, Int4Linear):
+        tensors = [module.packed, module.scales_and_zeros, bias, module.dense]
+        return 1, tensors, [module.group_size, module.max_rows]
+    if isinstance(module, Int8Linear):
+        return 2, [module.weight, module.scales, bias, module.dense], [0, module.max_rows]
+    if isinstance(module, PackedLinear):
+        return 3, [module.packed, _NONE, bias, _NONE], [0, 0]
+    if isinstance(module, nn.Linear):
+        return 0, [module.weight, _NONE, bias, _NONE], [0, 0]
+    raise TypeError(f"no fused matmul for {type(module).__name__}")
+
+
+def build(model: nn.Module) -> Any | None:
+    """The C++ decoder over ``model``'s current weights (a ``LlamaForCausalLM``), or None without the
+    extension. It holds references, not copies; quantized projections' ``max_rows`` are read now."""
+    ext = load_extension()
+    if ext is None:
+        return None
+    cfg = model.config
+    norms, kinds, tensors, ints = [], [], [], []
+    for layer in model.layers:
+        norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        attn, mlp = layer.self_attn, layer.mlp
+        for module in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            kind, weights, numbers = matmul_spec(module)
+            kinds.append(kind)
+            tensors += weights
+            ints += numbers
+    return ext.FusedDecoder(
+        norms,
+        kinds,
+        tensors,
+        ints,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.rms_norm_eps,
+    )
