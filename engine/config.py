@@ -40,8 +40,8 @@ class EngineConfig:
     threads: int | None = _flag(None, "torch CPU threads (default: torch's)")
     fused_decode: bool = _flag(
         True,
-        "on CPU, run every layer of a pure decode step in one C++ call (compiled on first use, ~45 s, "
-        "then cached; bitwise the Python path's results, ~1.5x faster at batch 1); off: layer by layer",
+        "on CPU, run every layer of a pure decode step in one C++ call (compiled at the first load, ~45 s, "
+        "then cached; the Python path's arithmetic, ~1.5x faster at batch 1); off: layer by layer",
         flag="--no-fused-decode",
     )
     cpu_packed_linears: bool = True  # oneDNN pre-packed weights for fp32 on CPU (2-3x faster decode)

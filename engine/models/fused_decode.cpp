@@ -1,7 +1,10 @@
-// Every layer of a pure decode step in one C++ call: the same ATen ops as LayerPlan.forward, without
-// the Python between them. See fused_decode.py.
+// Every layer of a pure decode step in one C++ call; see fused_decode.py. The projections and the
+// attention are the ATen ops LayerPlan.forward calls; norms, rotary embedding, KV writes and residual
+// adds are loops here (the same fp32 arithmetic, summed in another order), not 25 small ATen ops.
 #include <torch/extension.h>
 
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -36,16 +39,58 @@ struct Layer {
   Matmul qkv, o, gate_up, down;
 };
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  at::Tensor norm = at::linalg_vector_norm(x, 2, at::IntArrayRef{-1}, true, at::kFloat);
-  at::Tensor scale =
-      at::addcmul(at::scalar_tensor(eps, norm.options()), norm, norm, 1.0 / x.size(-1)).rsqrt_();
-  return weight * (x * scale).to(x.scalar_type());
+// x[r] += delta[r] (when given, rounded to T as a T tensor add is), then, when weight is given,
+// out[r] = weight * T(x[r] * rsqrt(mean(x[r]^2) + eps)) with fp32 statistics, as llama.rms_norm.
+template <typename T>
+void add_rms_norm_rows(T* x, const T* delta, const T* weight, T* out, int64_t rows, int64_t dim, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* xr = x + r * dim;
+    if (delta != nullptr) {
+      const T* dr = delta + r * dim;
+      for (int64_t i = 0; i < dim; ++i) xr[i] = T(float(xr[i]) + float(dr[i]));
+    }
+    if (weight == nullptr) continue;
+    float sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < dim; ++i) sum += float(xr[i]) * float(xr[i]);
+    const float scale = 1.0f / std::sqrt(sum / dim + eps);
+    T* o = out + r * dim;
+    for (int64_t i = 0; i < dim; ++i) o[i] = T(float(T(float(xr[i]) * scale)) * float(weight[i]));
+  }
 }
 
-at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  at::Tensor xf = x.to(at::kFloat);
-  return at::addcmul(xf * cos, xf.roll({x.size(-1) / 2}, {-1}), sin).to(x.scalar_type());
+// The residual stream x ([B, hidden], updated in place) plus delta, and its norm with weight (an
+// undefined result where weight is undefined).
+at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight, double eps) {
+  at::Tensor out = weight.defined() ? at::empty_like(x) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    add_rms_norm_rows<scalar_t>(x.data_ptr<scalar_t>(), delta.defined() ? delta.data_ptr<scalar_t>() : nullptr,
+                                weight.defined() ? weight.data_ptr<scalar_t>() : nullptr,
+                                out.defined() ? out.data_ptr<scalar_t>() : nullptr, x.size(0), x.size(1), eps);
+  });
+  return out;
+}
+
+constexpr int64_t kMaxHeadDim = 1024;
+
+// Rotates the q and k heads of qkv [B, (H + 2 KVH) D] in place (rotate_half's layout, fp32 math, cos
+// and signed sin tables as llama.Rotary builds them: [B, D] fp32), then copies each row's k and v
+// heads into its slot of the layer's caches [slots, KVH, D].
+template <typename T>
+void rope_and_store_rows(T* qkv, const float* cos, const float* sin, T* k_cache, T* v_cache,
+                         const int64_t* slots, int64_t B, int64_t H, int64_t KVH, int64_t D) {
+  const int64_t width = (H + 2 * KVH) * D, half = D / 2;
+  float head[kMaxHeadDim];
+  for (int64_t b = 0; b < B; ++b, qkv += width, cos += D, sin += D) {
+    for (int64_t h = 0; h < H + KVH; ++h) {
+      T* x = qkv + h * D;
+      for (int64_t i = 0; i < D; ++i) head[i] = float(x[i]);
+      for (int64_t i = 0; i < half; ++i) x[i] = T(head[i] * cos[i] + head[i + half] * sin[i]);
+      for (int64_t i = half; i < D; ++i) x[i] = T(head[i] * cos[i] + head[i - half] * sin[i]);
+    }
+    std::memcpy(k_cache + slots[b] * KVH * D, qkv + H * D, KVH * D * sizeof(T));
+    std::memcpy(v_cache + slots[b] * KVH * D, qkv + (H + KVH) * D, KVH * D * sizeof(T));
+  }
 }
 
 class FusedDecoder {
@@ -55,7 +100,8 @@ class FusedDecoder {
                int64_t intermediate_size, double eps)
       : heads_(num_heads), kv_heads_(num_kv_heads), head_dim_(head_dim), inter_(intermediate_size), eps_(eps) {
     const size_t n = norms.size() / 2;
-    TORCH_CHECK(kinds.size() == 4 * n && tensors.size() == 16 * n && ints.size() == 8 * n, "spec sizes");
+    TORCH_CHECK(n > 0 && kinds.size() == 4 * n && tensors.size() == 16 * n && ints.size() == 8 * n, "spec sizes");
+    TORCH_CHECK(head_dim <= kMaxHeadDim && head_dim % 2 == 0 && num_heads % num_kv_heads == 0, "head shapes");
     for (size_t i = 0; i < n; ++i) {
       auto mm = [&](size_t j) {
         size_t k = 4 * i + j;
@@ -66,29 +112,44 @@ class FusedDecoder {
     }
   }
 
-  // x: [B, hidden], one new token of each of B sequences; cos, sin: [B, 1, head_dim] fp32; k_pool, v_pool:
-  // [layers, slots, kv_heads, head_dim]; slot_mapping: [B]; kv_slots: [B, K]; mask: [B, 1, 1, K] or None.
-  at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& k_pool,
-                     const at::Tensor& v_pool, const at::Tensor& slot_mapping, const at::Tensor& kv_slots,
-                     const std::optional<at::Tensor>& mask) const {
+  // x: [B, hidden], the embedded new token of each of B sequences; cos, sin: [B, 1, head_dim] fp32;
+  // k_pool, v_pool: [layers, slots, kv_heads, head_dim]; slot_mapping: [B] int64, where each new
+  // token's K/V goes; kv_slots: [B, K] int64, every key of each row (padded); mask: [B, 1, 1, K] bool
+  // (True = attend) or None. Returns the residual stream after the last layer (before the final norm).
+  at::Tensor forward(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& slot_mapping,
+                     const at::Tensor& kv_slots, const std::optional<at::Tensor>& mask) const {
     at::NoGradGuard no_grad;
     const int64_t B = kv_slots.size(0), K = kv_slots.size(1), H = heads_, KVH = kv_heads_, D = head_dim_;
-    const at::Tensor slots = kv_slots.view({-1});
+    TORCH_CHECK(embedded.dim() == 2 && embedded.size(0) == B && slot_mapping.numel() == B, "one token a row");
+    TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.size(0) == int64_t(layers_.size()),
+                "KV pools: contiguous, one entry a layer");
+    TORCH_CHECK(k_pool.scalar_type() == embedded.scalar_type() && cos.scalar_type() == at::kFloat, "dtypes");
+    TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && kv_slots.scalar_type() == at::kLong, "int64 slots");
+    const at::Tensor slots = kv_slots.reshape({-1}), targets = slot_mapping.contiguous();
+    const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+    const at::Tensor none;
+    at::Tensor x = embedded.clone(at::MemoryFormat::Contiguous);  // the residual stream, updated in place
+    at::Tensor h = add_rms_norm(x, none, layers_[0].input_norm, eps_);
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& l = layers_[i];
-      at::Tensor qkv = l.qkv(rms_norm(x, l.input_norm, eps_));  // [B, (H + 2 KVH) D]
-      at::Tensor qk = apply_rotary(qkv.slice(1, 0, (H + KVH) * D).view({B, H + KVH, D}), cos, sin);
-      at::Tensor v = qkv.slice(1, (H + KVH) * D).view({B, KVH, D});
+      at::Tensor qkv = l.qkv(h).contiguous();  // [B, (H + 2 KVH) D]
       at::Tensor k_cache = k_pool.select(0, i), v_cache = v_pool.select(0, i);
-      k_cache.index_copy_(0, slot_mapping, qk.slice(1, H));
-      v_cache.index_copy_(0, slot_mapping, v);
-      at::Tensor q = qk.slice(1, 0, H).view({B, KVH, H / KVH, D});
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "rope_and_store", [&] {
+        rope_and_store_rows<scalar_t>(qkv.data_ptr<scalar_t>(), c.data_ptr<float>(), s.data_ptr<float>(),
+                                      k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                                      targets.data_ptr<int64_t>(), B, H, KVH, D);
+      });
+      // GQA without repeating K/V, as attention._decode: a KV head's G query heads are G "positions".
+      at::Tensor q = qkv.slice(1, 0, H * D).view({B, KVH, H / KVH, D});
       at::Tensor keys = k_cache.index_select(0, slots).view({B, K, KVH, D}).transpose(1, 2);
       at::Tensor values = v_cache.index_select(0, slots).view({B, K, KVH, D}).transpose(1, 2);
       at::Tensor out = at::scaled_dot_product_attention(q, keys, values, mask);
-      x = x + l.o(out.reshape({B, H * D}));
-      at::Tensor gate_up = l.gate_up(rms_norm(x, l.post_norm, eps_));
-      x = x + l.down(at::silu(gate_up.slice(1, 0, inter_)) * gate_up.slice(1, inter_));
+      h = add_rms_norm(x, l.o(out.reshape({B, H * D})), l.post_norm, eps_);
+      at::Tensor gate_up = l.gate_up(h);
+      at::Tensor act = at::silu(gate_up.slice(1, 0, inter_)) * gate_up.slice(1, inter_);
+      const bool last = i + 1 == layers_.size();
+      h = add_rms_norm(x, l.down(act), last ? none : layers_[i + 1].input_norm, eps_);
     }
     return x;
   }
