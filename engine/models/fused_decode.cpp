@@ -1,10 +1,13 @@
-// Every layer of a pure decode step in one C++ call; see fused_decode.py. The projections and the
-// attention are the ATen ops LayerPlan.forward calls; norms, rotary embedding, KV writes and residual
-// adds are loops here (the same fp32 arithmetic, summed in another order), not 25 small ATen ops.
+// Every layer of a pure decode step in one C++ call; see fused_decode.py. The projections are the ATen
+// ops LayerPlan.forward calls; norms, rotary embedding, KV writes, residual adds and the attention
+// over the paged caches are loops here (the same fp32 arithmetic, summed in other orders).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -93,6 +96,122 @@ void rope_and_store_rows(T* qkv, const float* cos, const float* sin, T* k_cache,
   }
 }
 
+
+// e^x for x <= 0 (scores minus their maximum), in a form compilers vectorize: 2^(x log2 e) as 2^n 2^f,
+// n = round(x log2 e), |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error < 2e-7).
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.0f) * 1.44269504f;
+  const float n = std::nearbyint(t), f = t - n;
+  float p = 1.5403530e-4f;
+  p = p * f + 1.3333558e-3f;
+  p = p * f + 9.6181291e-3f;
+  p = p * f + 5.5504109e-2f;
+  p = p * f + 2.4022651e-1f;
+  p = p * f + 6.9314718e-1f;
+  p = p * f + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) * (1 << 23);
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {  // the bits, shifted: what c10's conversion does, vectorizable
+  const uint32_t bits = uint32_t(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head the paged kernel takes
+
+// Decode attention straight from the paged caches [slots, KVH, D], no gathered copy: for each row b,
+// its KV head kh's G query heads (qkv [B, (H + 2 KVH) D], q heads first, head kh*G + g) against
+// the row's first lengths[b] keys (kv_slots [B, K]), softmax in fp32. Work items are (row, KV head,
+// share of the keys): a long context is split so both cores work on one row; each share keeps its
+// own maximum, sum and weighted values, merged by log-sum-exp after. out: [B, H D].
+template <typename T, int64_t kDim>  // kDim: the head dim as a constant (loops the compiler unrolls), or 0
+void paged_decode_attention(const T* qkv, const T* k_cache, const T* v_cache, const int64_t* kv_slots,
+                            const int64_t* lengths, T* out, int64_t B, int64_t K, int64_t H, int64_t KVH,
+                            int64_t head_dim) {
+  const int64_t D = kDim ? kDim : head_dim;
+  const int64_t G = H / KVH, width = (H + 2 * KVH) * D, heads = B * KVH;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = heads >= 2 * threads || K < 256 ? 1 : std::min<int64_t>(K / 128, -(-2 * threads / heads));
+  const int64_t items = heads * splits;
+  std::vector<float> acc(items * G * D), top(items * G), sums(items * G);
+  // Threads only where there is work enough to pay for waking them.
+  const int64_t grain = B * K * KVH < 4096 ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * K), q(G * D), key(D), value(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (KVH * splits), kh = item / splits % KVH, share = item % splits;
+      const int64_t lo = lengths[b] * share / splits, hi = lengths[b] * (share + 1) / splits;
+      const T* qrow = qkv + b * width + kh * G * D;
+      for (int64_t i = 0; i < G * D; ++i) q[i] = to_float(qrow[i]) * scale;
+      const int64_t* slots = kv_slots + b * K;
+      float* m = top.data() + item * G;
+      std::fill(m, m + G, -std::numeric_limits<float>::max());
+      for (int64_t j = lo; j < hi; ++j) {
+        const T* k = k_cache + (slots[j] * KVH + kh) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) key[d] = to_float(k[d]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = q.data() + g * D;
+          float s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += qg[d] * key[d];
+          scores[g * K + j] = s;
+          m[g] = std::max(m[g], s);
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* p = scores.data() + g * K;
+        const float mg = m[g];
+        float sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = lo; j < hi; ++j) {
+          p[j] = exp_nonpositive(p[j] - mg);
+          sum += p[j];
+        }
+        sums[item * G + g] = sum;
+      }
+      float* a = acc.data() + item * G * D;
+      std::fill(a, a + G * D, 0.0f);
+      for (int64_t j = lo; j < hi; ++j) {
+        const T* v = v_cache + (slots[j] * KVH + kh) * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) value[d] = to_float(v[d]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = scores[g * K + j];
+          float* ag = a + g * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) ag[d] += w * value[d];
+        }
+      }
+    }
+  });
+  std::vector<float> merged(D);
+  for (int64_t head = 0; head < heads; ++head) {  // head = b * KVH + kh; its items are consecutive
+    const int64_t b = head / KVH, kh = head % KVH;
+    for (int64_t g = 0; g < G; ++g) {
+      float mg = -std::numeric_limits<float>::max(), total = 0;
+      for (int64_t share = 0; share < splits; ++share) mg = std::max(mg, top[(head * splits + share) * G + g]);
+      std::fill(merged.begin(), merged.end(), 0.0f);
+      for (int64_t share = 0; share < splits; ++share) {
+        const int64_t at = (head * splits + share) * G + g;
+        const float w = sums[at] > 0 ? std::exp(top[at] - mg) : 0.0f;  // a share with no keys weighs 0
+        total += w * sums[at];
+        for (int64_t d = 0; d < D; ++d) merged[d] += w * acc[at * D + d];
+      }
+      T* o = out + b * H * D + (kh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = T(merged[d] / total);
+    }
+  }
+}
+
 class FusedDecoder {
  public:
   FusedDecoder(std::vector<at::Tensor> norms, std::vector<int64_t> kinds, std::vector<at::Tensor> tensors,
@@ -127,7 +246,16 @@ class FusedDecoder {
     TORCH_CHECK(k_pool.scalar_type() == embedded.scalar_type() && cos.scalar_type() == at::kFloat, "dtypes");
     TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && kv_slots.scalar_type() == at::kLong, "int64 slots");
     const at::Tensor slots = kv_slots.reshape({-1}), targets = slot_mapping.contiguous();
-    const at::Tensor c = cos.contiguous(), s = sin.contiguous();
+    const at::Tensor c = cos.contiguous(), s = sin.contiguous(), slot_table = kv_slots.contiguous();
+    // Keys per row: the mask's leading True run (ModelRunner.prepare pads each row's keys at its end).
+    std::vector<int64_t> lengths(B, K);
+    if (mask) {
+      const at::Tensor m = mask->reshape({B, K}).to(at::kBool).contiguous();
+      const bool* row = m.data_ptr<bool>();
+      for (int64_t b = 0; b < B; ++b, row += K) lengths[b] = std::find(row, row + K, false) - row;
+    }
+    const at::ScalarType dtype = embedded.scalar_type();
+    const bool paged = (dtype == at::kBFloat16 || dtype == at::kFloat) && H / KVH <= kMaxGroup;
     const at::Tensor none;
     at::Tensor x = embedded.clone(at::MemoryFormat::Contiguous);  // the residual stream, updated in place
     at::Tensor h = add_rms_norm(x, none, layers_[0].input_norm, eps_);
@@ -140,12 +268,23 @@ class FusedDecoder {
                                       k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                                       targets.data_ptr<int64_t>(), B, H, KVH, D);
       });
-      // GQA without repeating K/V, as attention._decode: a KV head's G query heads are G "positions".
-      at::Tensor q = qkv.slice(1, 0, H * D).view({B, KVH, H / KVH, D});
-      at::Tensor keys = k_cache.index_select(0, slots).view({B, K, KVH, D}).transpose(1, 2);
-      at::Tensor values = v_cache.index_select(0, slots).view({B, K, KVH, D}).transpose(1, 2);
-      at::Tensor out = at::scaled_dot_product_attention(q, keys, values, mask);
-      h = add_rms_norm(x, l.o(out.reshape({B, H * D})), l.post_norm, eps_);
+      at::Tensor out;
+      if (paged) {
+        out = at::empty({B, H * D}, qkv.options());
+        AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "paged_decode_attention", [&] {
+          auto attend = D == 64 ? paged_decode_attention<scalar_t, 64>
+                        : D == 128 ? paged_decode_attention<scalar_t, 128>
+                                   : paged_decode_attention<scalar_t, 0>;
+          attend(qkv.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                 slot_table.data_ptr<int64_t>(), lengths.data(), out.data_ptr<scalar_t>(), B, K, H, KVH, D);
+        });
+      } else {  // GQA without repeating K/V, as attention._decode: a KV head's G query heads are G rows
+        at::Tensor q = qkv.slice(1, 0, H * D).view({B, KVH, H / KVH, D});
+        at::Tensor keys = k_cache.index_select(0, slots).view({B, K, KVH, D}).transpose(1, 2);
+        at::Tensor values = v_cache.index_select(0, slots).view({B, K, KVH, D}).transpose(1, 2);
+        out = at::scaled_dot_product_attention(q, keys, values, mask).reshape({B, H * D});
+      }
+      h = add_rms_norm(x, l.o(out), l.post_norm, eps_);
       at::Tensor gate_up = l.gate_up(h);
       at::Tensor act = at::silu(gate_up.slice(1, 0, inter_)) * gate_up.slice(1, inter_);
       const bool last = i + 1 == layers_.size();
