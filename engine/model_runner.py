@@ -44,8 +44,10 @@ class ModelRunner:
         self._offsets = np.arange(page_size, dtype=np.int64)
         # Pure decode steps replay CUDA graphs (engine.models.decode_graphs) on CUDA.
         self.cuda_graphs = self.device.type == "cuda"
-        # Decodes sharing a long cached prefix attend to it once (attention._cascade; CPU kernels).
-        self.cascade = self.device.type == "cpu"
+        # Decodes sharing a long cached prefix attend to it once (attention._cascade; CPU kernels), on
+        # the Python path only: the fused decode step's attention reads the paged pool directly and is
+        # as fast or faster (docs/benchmarks.md, cascade attention).
+        self.cascade = self.device.type == "cpu" and not model.fused_decode
         self._graphs = None  # DecodeGraphs, built on the first decode step that uses them
 
     def _shared_prefix_tokens(self, seqs: list[Sequence], slots: list[np.ndarray]) -> int:

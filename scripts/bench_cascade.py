@@ -4,7 +4,7 @@
 
 One sequence caches a ``--prefix``-token random prompt, then ``--rows`` sequences with it plus 16 own
 tokens each decode ``--steps`` steps, first with ``ModelRunner.cascade`` off (each row attends to all
-its keys), then on; ``--rounds`` times, in one process, so both see the same machine. Prints the
+its keys: in the fused decode step, or with ``--no-fused-decode`` in Python), then on (Python); ``--rounds`` times, in one process, so both see the same machine. Prints the
 median step time of each and whether the greedy outputs agree (they do in fp32; in bf16 any change
 of batch shape may flip a near-tie).
 """
@@ -25,6 +25,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--no-fused-decode",
+        dest="fused_decode",
+        action="store_false",
+        help="rows attending to all their keys take the Python path (the default: the fused decode step)",
+    )
     args = parser.parse_args()
 
     from cache.api.sampling import SamplingParams
@@ -33,7 +39,13 @@ def main() -> None:
     from engine.engine import LLMEngine
     from engine.loader import load_model
 
-    config = EngineConfig(dtype=args.dtype, weights=args.weights, threads=args.threads, kv_cache_tokens=32768)
+    config = EngineConfig(
+        dtype=args.dtype,
+        weights=args.weights,
+        threads=args.threads,
+        kv_cache_tokens=32768,
+        fused_decode=args.fused_decode,
+    )
     engine = LLMEngine(config, load_model(config))
     vocab = engine.model.config.vocab_size
     prefix = [random.Random(0).randrange(100, vocab) for _ in range(args.prefix)]

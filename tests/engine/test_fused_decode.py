@@ -119,6 +119,7 @@ def test_the_fused_step_computes_what_the_python_step_does(loaded, lengths: list
 
 def test_only_pure_decode_steps_take_the_fused_path(smollm2_engine_factory, monkeypatch) -> None:
     engine = smollm2_engine_factory(max_batch_tokens=64)
+    assert not engine.runner.cascade  # the fused step's attention is as fast: cascade is the Python path's
     python_layers, steps = [], []
     plan_forward, prepare = LayerPlan.forward, engine.runner.prepare
 
