@@ -64,7 +64,8 @@ def load_extension() -> Any | None:
 def matmul_spec(module: nn.Module) -> tuple[int, list[torch.Tensor], list[int]]:
     """``(kind, [weight, scales, bias, dense], [group_size, max_rows])`` as fused_decode.cpp's Matmul
     takes one projection; empty tensors stand for absent ones."""
-    bias = _NONE if module.bias is None else module.bias
+    bias = getattr(module, "bias", None)
+    bias = _NONE if bias is None else bias
     if isinstance(module, Int4Linear):
         tensors = [module.packed, module.scales_and_zeros, bias, module.dense]
         return 1, tensors, [module.group_size, module.max_rows]
@@ -78,29 +79,34 @@ def matmul_spec(module: nn.Module) -> tuple[int, list[torch.Tensor], list[int]]:
 
 
 def build(model: nn.Module) -> Any | None:
-    """The C++ decoder over ``model``'s current weights (a ``LlamaForCausalLM``), or None without the
-    extension. It holds references, not copies; quantized projections' ``max_rows`` are read now."""
+    """The C++ decoder over ``model``'s current weights (a ``LlamaForCausalLM``), or None (logged)
+    without the extension or for a model it does not take. It holds references, not copies;
+    quantized projections' ``max_rows`` are read now."""
     ext = load_extension()
     if ext is None:
         return None
     cfg = model.config
     norms, kinds, tensors, ints = [], [], [], []
-    for layer in model.layers:
-        norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-        attn, mlp = layer.self_attn, layer.mlp
-        for module in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
-            kind, weights, numbers = matmul_spec(module)
-            kinds.append(kind)
-            tensors += weights
-            ints += numbers
-    return ext.FusedDecoder(
-        norms,
-        kinds,
-        tensors,
-        ints,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-        cfg.intermediate_size,
-        cfg.rms_norm_eps,
-    )
+    try:
+        for layer in model.layers:
+            norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            attn, mlp = layer.self_attn, layer.mlp
+            for module in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                kind, weights, numbers = matmul_spec(module)
+                kinds.append(kind)
+                tensors += weights
+                ints += numbers
+        return ext.FusedDecoder(
+            norms,
+            kinds,
+            tensors,
+            ints,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            cfg.rms_norm_eps,
+        )
+    except (TypeError, RuntimeError) as exc:  # an unknown projection, a head shape it cannot take
+        log.warning("fused CPU decode does not take this model, decoding layer by layer: %s", exc)
+        return None

@@ -207,9 +207,11 @@ class LlamaForCausalLM(nn.Module):
         return self._plans
 
     def fused_decoder(self):
-        """The C++ decoder of pure decode steps, or None where the extension could not build."""
+        """The C++ decoder of pure decode steps, or None where it cannot serve this model (then the
+        model stops asking: ``fused_decode`` turns off)."""
         if self._fused is None:
             self._fused = fused_decode.build(self)
+            self.fused_decode = self._fused is not None
         return self._fused
 
     def pack_for_cpu(self) -> None:

@@ -183,3 +183,24 @@ def test_without_the_extension_the_engine_decodes_in_python(
     assert not loaded.model.fused_decode
     assert generate(LLMEngine(config, loaded), prompts) == fused
     assert not load_model(EngineConfig(model=str(smollm2_gguf_path), fused_decode=False)).model.fused_decode
+
+
+class Wrapped(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_a_model_it_cannot_take_decodes_in_python(smollm2_gguf_path) -> None:
+    loaded = load_model(EngineConfig(model=str(smollm2_gguf_path), dtype="float32", kv_cache_tokens=1024))
+    model = loaded.model
+    model.layers[3].mlp.down_proj = Wrapped(model.layers[3].mlp.down_proj)  # a kind C++ does not know
+    model.replan()
+    with pytest.raises(TypeError):
+        fused_decode.matmul_spec(model.layers[3].mlp.down_proj)
+    engine = LLMEngine(EngineConfig(model=str(smollm2_gguf_path), kv_cache_tokens=1024), loaded)
+    assert len(generate(engine, [[1, 2, 3]])[0]) == 12  # decodes (through the Python path)
+    assert not model.fused_decode and model._fused is None
