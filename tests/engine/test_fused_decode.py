@@ -93,7 +93,9 @@ def test_the_fused_step_computes_what_the_python_step_does(loaded, lengths: list
     prompts = text(loaded.tokenizer, lengths)
     results, written = decode_logits(loaded, prompts)
     (logits, kv), (expected, expected_kv) = results[True], results[False]
-    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+    # The same next token, or in bf16 a near-tie: one the Python path scores within a rounding of its best.
+    chosen = expected.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1)
+    assert torch.all(chosen >= expected.max(-1).values - (0 if loaded.dtype == torch.float32 else 0.25))
     if loaded.dtype == torch.float32:
         # The same arithmetic summed in other orders: logits (~35 at most here) within 1e-3 (measured
         # 5e-5), the K/V written within 1e-4 (measured 1.3e-5).
