@@ -27,11 +27,15 @@ def kv_bytes_per_token(model: LlamaForCausalLM, dtype: torch.dtype) -> int:
 
 
 # At least this many decoding sequences sharing at least this many leading keys attend to them once,
-# in one batch (cascade attention). Measured on 2 cores, bf16, against each row attending to all its
-# keys: 2 rows on 2,000 shared tokens 0.64-0.84x (slower), 3 rows on 1,000 1.01x, 4 rows on 512
-# 1.06x and on 2,000 1.10x, 8 rows on 256 1.05-1.21x and on 2,000 2.5-2.65x, 16 rows on 1,000 1.69x.
-CASCADE_MIN_ROWS = 4
-CASCADE_MIN_TOKENS = 256
+# in one batch (cascade attention): (rows, tokens). Measured on 2 cores, bf16, int4, against each row
+# attending to all its keys (docs/benchmarks.md, cascade attention). The Python path
+# (attention._cascade): 2 rows on 2,000 shared tokens 0.64-0.84x (slower), 3 rows on 1,000 1.01x,
+# 4 rows on 512 1.06x and on 2,000 1.10x, 8 rows on 256 1.05-1.21x and on 2,000 2.5-2.65x, 16 rows
+# on 1,000 1.69x. The fused decode step, whose attention without a cascade is already fast: 4 rows
+# on 512 or 2,000 0.92-0.98x, 8 rows on 256 0.89-1.06x, on 512 0.92-1.01x, on 1,000 1.38-1.45x, on
+# 2,000 1.11-1.18x, 16 rows on 256 0.86-1.07x, on 1,000 1.19-1.21x.
+CASCADE_MIN = (4, 256)
+FUSED_CASCADE_MIN = (8, 768)
 
 
 class ModelRunner:
@@ -44,23 +48,24 @@ class ModelRunner:
         self._offsets = np.arange(page_size, dtype=np.int64)
         # Pure decode steps replay CUDA graphs (engine.models.decode_graphs) on CUDA.
         self.cuda_graphs = self.device.type == "cuda"
-        # Decodes sharing a long cached prefix attend to it once (attention._cascade; CPU kernels), on
-        # the Python path only: the fused decode step's attention reads the paged pool directly and is
-        # as fast or faster (docs/benchmarks.md, cascade attention).
-        self.cascade = self.device.type == "cpu" and not model.fused_decode
+        # Decodes sharing a long cached prefix attend to it once (cascade attention; CPU kernels): in
+        # the fused decode step, or on the Python path (attention._cascade), from (rows, tokens).
+        self.cascade = self.device.type == "cpu"
+        self.cascade_min = FUSED_CASCADE_MIN if model.fused_decode else CASCADE_MIN
         self._graphs = None  # DecodeGraphs, built on the first decode step that uses them
 
     def _shared_prefix_tokens(self, seqs: list[Sequence], slots: list[np.ndarray]) -> int:
         """Keys every decoding sequence shares (the same cached pages at the start of each page
-        table), if at least ``CASCADE_MIN_TOKENS`` and ``CASCADE_MIN_ROWS`` sequences; else 0."""
-        if len(seqs) < CASCADE_MIN_ROWS:
+        table), if at least ``cascade_min`` (rows, tokens); else 0."""
+        min_rows, min_tokens = self.cascade_min
+        if len(seqs) < min_rows:
             return 0
         first = seqs[0].pages
         shared = min(len(s) - 1 for s in slots) // self.page_size  # whole pages before every last key
         for seq in seqs[1:]:
             pages = seq.pages
             shared = next((i for i in range(shared) if pages[i] != first[i]), shared)
-            if shared * self.page_size < CASCADE_MIN_TOKENS:
+            if shared * self.page_size < min_tokens:
                 return 0
         return shared * self.page_size
 

@@ -4,9 +4,10 @@
 
 One sequence caches a ``--prefix``-token random prompt, then ``--rows`` sequences with it plus 16 own
 tokens each decode ``--steps`` steps, first with ``ModelRunner.cascade`` off (each row attends to all
-its keys: in the fused decode step, or with ``--no-fused-decode`` in Python), then on (Python); ``--rounds`` times, in one process, so both see the same machine. Prints the
-median step time of each and whether the greedy outputs agree (they do in fp32; in bf16 any change
-of batch shape may flip a near-tie).
+its keys), then on (for any shared pages, whatever the engine's ``cascade_min`` thresholds say): in
+the fused decode step, or with ``--no-fused-decode`` on the Python path. ``--rounds`` times, in one
+process, so both see the same machine. Prints the median step time of each and whether the greedy
+outputs agree (they do in fp32; in bf16 any change of batch shape may flip a near-tie).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> None:
     def run(cascade: bool, seed: int) -> tuple[list[list[int]], float]:
         engine.flush_cache()
         engine.runner.cascade = cascade
+        engine.runner.cascade_min = (2, engine.config.page_size)  # measure it wherever it is asked for
         engine.add(engine.make_sequence(f"warm-{cascade}", prefix, SamplingParams(max_tokens=1)))
         while engine.scheduler.has_work():  # the prefix is cached now
             engine.step()

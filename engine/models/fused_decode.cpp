@@ -130,11 +130,13 @@ constexpr int64_t kMaxGroup = 16;  // query heads per KV head the paged kernel t
 // its KV head kh's G query heads (qkv [B, (H + 2 KVH) D], q heads first, head kh*G + g) against
 // the row's first lengths[b] keys (kv_slots [B, K]), softmax in fp32. Work items are (row, KV head,
 // share of the keys): a long context is split so both cores work on one row; each share keeps its
-// own maximum, sum and weighted values, merged by log-sum-exp after. out: [B, H D].
+// own maximum, sum and weighted values, merged by log-sum-exp after, with the attention to a shared
+// prefix where there is one (prefix_out [KVH, B, G, D] fp32, normalized; prefix_lse [KVH, B, G]).
+// out: [B, H D].
 template <typename T, int64_t kDim>  // kDim: the head dim as a constant (loops the compiler unrolls), or 0
 void paged_decode_attention(const T* qkv, const T* k_cache, const T* v_cache, const int64_t* kv_slots,
-                            const int64_t* lengths, T* out, int64_t B, int64_t K, int64_t H, int64_t KVH,
-                            int64_t head_dim) {
+                            const int64_t* lengths, const float* prefix_out, const float* prefix_lse, T* out,
+                            int64_t B, int64_t K, int64_t H, int64_t KVH, int64_t head_dim) {
   const int64_t D = kDim ? kDim : head_dim;
   const int64_t G = H / KVH, width = (H + 2 * KVH) * D, heads = B * KVH;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
@@ -199,12 +201,20 @@ void paged_decode_attention(const T* qkv, const T* k_cache, const T* v_cache, co
     for (int64_t g = 0; g < G; ++g) {
       float mg = -std::numeric_limits<float>::max(), total = 0;
       for (int64_t share = 0; share < splits; ++share) mg = std::max(mg, top[(head * splits + share) * G + g]);
+      // The shared prefix's attention (cascade), normalized: weight e^lse in the merge.
+      const int64_t shared = (kh * B + b) * G + g;
+      if (prefix_out) mg = std::max(mg, prefix_lse[shared]);
       std::fill(merged.begin(), merged.end(), 0.0f);
       for (int64_t share = 0; share < splits; ++share) {
         const int64_t at = (head * splits + share) * G + g;
         const float w = sums[at] > 0 ? std::exp(top[at] - mg) : 0.0f;  // a share with no keys weighs 0
         total += w * sums[at];
         for (int64_t d = 0; d < D; ++d) merged[d] += w * acc[at * D + d];
+      }
+      if (prefix_out) {
+        const float w = std::exp(prefix_lse[shared] - mg);
+        total += w;
+        for (int64_t d = 0; d < D; ++d) merged[d] += w * prefix_out[shared * D + d];
       }
       T* o = out + b * H * D + (kh * G + g) * D;
       for (int64_t d = 0; d < D; ++d) o[d] = T(merged[d] / total);
@@ -237,7 +247,8 @@ class FusedDecoder {
   // (True = attend) or None. Returns the residual stream after the last layer (before the final norm).
   at::Tensor forward(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& slot_mapping,
-                     const at::Tensor& kv_slots, const std::optional<at::Tensor>& mask) const {
+                     const at::Tensor& kv_slots, const std::optional<at::Tensor>& mask,
+                     const std::optional<at::Tensor>& prefix_slots) const {
     at::NoGradGuard no_grad;
     const int64_t B = kv_slots.size(0), K = kv_slots.size(1), H = heads_, KVH = kv_heads_, D = head_dim_;
     TORCH_CHECK(embedded.dim() == 2 && embedded.size(0) == B && slot_mapping.numel() == B, "one token a row");
@@ -247,15 +258,18 @@ class FusedDecoder {
     TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && kv_slots.scalar_type() == at::kLong, "int64 slots");
     const at::Tensor slots = kv_slots.reshape({-1}), targets = slot_mapping.contiguous();
     const at::Tensor c = cos.contiguous(), s = sin.contiguous(), slot_table = kv_slots.contiguous();
-    // Keys per row: the mask's leading True run (ModelRunner.prepare pads each row's keys at its end).
+    // Keys per row: the mask's leading run of True (bool) or of 0 (an additive bias, as prepare builds
+    // it for a cascade); ModelRunner.prepare pads each row's keys at its end.
     std::vector<int64_t> lengths(B, K);
     if (mask) {
-      const at::Tensor m = mask->reshape({B, K}).to(at::kBool).contiguous();
+      const at::Tensor attend = mask->scalar_type() == at::kBool ? *mask : mask->eq(0);
+      const at::Tensor m = attend.reshape({B, K}).contiguous();
       const bool* row = m.data_ptr<bool>();
       for (int64_t b = 0; b < B; ++b, row += K) lengths[b] = std::find(row, row + K, false) - row;
     }
     const at::ScalarType dtype = embedded.scalar_type();
     const bool paged = (dtype == at::kBFloat16 || dtype == at::kFloat) && H / KVH <= kMaxGroup;
+    TORCH_CHECK(paged || !prefix_slots, "a shared prefix needs the paged kernel (bf16 or fp32)");
     const at::Tensor none;
     at::Tensor x = embedded.clone(at::MemoryFormat::Contiguous);  // the residual stream, updated in place
     at::Tensor h = add_rms_norm(x, none, layers_[0].input_norm, eps_);
@@ -270,13 +284,26 @@ class FusedDecoder {
       });
       at::Tensor out;
       if (paged) {
+        at::Tensor prefix_out, prefix_lse;
+        if (prefix_slots) {  // cascade: the shared keys gathered once, every row's queries in one flash call
+          const int64_t G = H / KVH;
+          at::Tensor q = qkv.slice(1, 0, H * D).view({B, KVH, G, D}).transpose(0, 1).reshape({1, KVH, B * G, D});
+          at::Tensor pk = k_cache.index_select(0, *prefix_slots).transpose(0, 1).unsqueeze(0);  // [1, KVH, P, D]
+          at::Tensor pv = v_cache.index_select(0, *prefix_slots).transpose(0, 1).unsqueeze(0);
+          auto flash = at::_scaled_dot_product_flash_attention_for_cpu(q, pk, pv);
+          prefix_out = std::get<0>(flash).to(at::kFloat).contiguous();  // [1, KVH, B G, D]
+          prefix_lse = std::get<1>(flash).to(at::kFloat).contiguous();  // [1, KVH, B G]
+        }
         out = at::empty({B, H * D}, qkv.options());
         AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "paged_decode_attention", [&] {
           auto attend = D == 64 ? paged_decode_attention<scalar_t, 64>
                         : D == 128 ? paged_decode_attention<scalar_t, 128>
                                    : paged_decode_attention<scalar_t, 0>;
           attend(qkv.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                 slot_table.data_ptr<int64_t>(), lengths.data(), out.data_ptr<scalar_t>(), B, K, H, KVH, D);
+                 slot_table.data_ptr<int64_t>(), lengths.data(),
+                 prefix_out.defined() ? prefix_out.data_ptr<float>() : nullptr,
+                 prefix_lse.defined() ? prefix_lse.data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), B, K, H,
+                 KVH, D);
         });
       } else {  // GQA without repeating K/V, as attention._decode: a KV head's G query heads are G rows
         at::Tensor q = qkv.slice(1, 0, H * D).view({B, KVH, H / KVH, D});

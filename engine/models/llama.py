@@ -279,11 +279,16 @@ class LlamaForCausalLM(nn.Module):
         decode = batch.decode
         fused = (
             self.fused_decoder()
-            if self.fused_decode and decode is not None and decode.all_rows and decode.prefix_slots is None
+            if self.fused_decode
+            and decode is not None
+            and decode.all_rows
+            and (decode.prefix_slots is None or x.dtype != torch.float16)  # its cascade: bf16 and fp32
             else None
         )
         if fused is not None:
-            x = fused.forward(x, *rope, kv.k, kv.v, batch.slot_mapping, decode.kv_slots, decode.mask)
+            x = fused.forward(
+                x, *rope, kv.k, kv.v, batch.slot_mapping, decode.kv_slots, decode.mask, decode.prefix_slots
+            )
         else:
             for plan in self.plans():
                 x = plan.forward(x, rope, batch, kv)

@@ -21,7 +21,7 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.kv.page_pool import PagePool
 from engine.loader import load_model
-from engine.model_runner import ModelRunner, allocate_kv
+from engine.model_runner import FUSED_CASCADE_MIN, ModelRunner, allocate_kv
 from engine.models.attention import KVCache
 from engine.models.llama import LayerPlan
 from engine.models.quant_linear import quantized_kernels_available
@@ -55,24 +55,30 @@ def text(tokenizer, lengths: list[int]) -> list[list[int]]:
 
 @torch.inference_mode()
 def decode_logits(
-    loaded, prompts: list[list[int]]
+    loaded, prompts: list[list[int]], shared: int = 0
 ) -> tuple[dict[bool, tuple[torch.Tensor, KVCache]], torch.Tensor]:
     """Each prompt but its last token prefilled (the Python path), then one decode step of every
     prompt's last token, fused and not, from the same KV: ``{fused: (logits [B, V], KV after)}``,
-    and the slots that step wrote."""
+    and the slots that step wrote. With ``shared``, the prompts' first ``shared`` tokens (whole pages)
+    are one copy in the KV pool, cached once, and the step attends to them once (cascade)."""
     model, page_size = loaded.model, 16
-    pages = sum(-(-len(p) // page_size) for p in prompts)
-    runner = ModelRunner(model, allocate_kv(model, pages, page_size, loaded.dtype), page_size)
-    pool, seqs = PagePool(pages), []
-    for i, prompt in enumerate(prompts):
+    assert shared % page_size == 0
+    own = [-(-(len(p) - shared) // page_size) for p in prompts]
+    pool = PagePool(shared // page_size + sum(own))
+    runner = ModelRunner(model, allocate_kv(model, pool.num_free, page_size, loaded.dtype), page_size)
+    runner.cascade_min = (2, shared or 1)  # a cascade for this step when the prompts share pages
+    prefix_pages, seqs = pool.alloc(shared // page_size), []
+    for i, (prompt, pages) in enumerate(zip(prompts, own, strict=True)):
         seq = Sequence(f"s{i}", prompt, SamplingParams(max_tokens=1))
-        seq.pages = pool.alloc(-(-len(prompt) // page_size))
+        seq.pages = prefix_pages + pool.alloc(pages)
+        start = shared if i else 0  # the first prompt caches the shared pages
+        model(*runner.prepare(Batch([ScheduledChunk(seq, start, len(prompt) - 1 - start)]))[:3], runner.kv)
         seqs.append(seq)
-        model(*runner.prepare(Batch([ScheduledChunk(seq, 0, len(prompt) - 1)]))[:3], runner.kv)
     step = runner.prepare(
         Batch([ScheduledChunk(s, len(p) - 1, 1) for s, p in zip(seqs, prompts, strict=True)])
     )
-    assert step[2].decode.all_rows and step[2].decode.prefix_slots is None
+    assert step[2].decode.all_rows
+    assert (step[2].decode.prefix_slots is not None) == bool(shared)
     cached = KVCache(runner.kv.k.clone(), runner.kv.v.clone())
     results = {}
     for fused in (True, False):
@@ -85,13 +91,28 @@ def decode_logits(
     return results, step[2].slot_mapping
 
 
+SHARED = 272  # a shared prompt's tokens, whole pages: cascade attention
+
+
 @pytest.mark.parametrize(
-    "lengths", [[40], [300], [300, 7], [41, 64, 129]], ids=["b1", "b1-long", "b2-ragged", "b3-ragged"]
+    ("lengths", "shared"),
+    [
+        ([40], 0),
+        ([300], 0),
+        ([300, 7], 0),
+        ([41, 64, 129], 0),
+        ([SHARED + n for n in (3, 30, 17, 1, 9)], SHARED),
+    ],
+    ids=["b1", "b1-long", "b2-ragged", "b3-ragged", "b5-shared-prefix"],
 )
-def test_the_fused_step_computes_what_the_python_step_does(loaded, lengths: list[int], smollm2_model) -> None:
+def test_the_fused_step_computes_what_the_python_step_does(
+    loaded, lengths: list[int], shared: int, smollm2_model
+) -> None:
     assert loaded.model.fused_decode
     prompts = text(loaded.tokenizer, lengths)
-    results, written = decode_logits(loaded, prompts)
+    if shared:  # every prompt starts with the first one's first `shared` tokens
+        prompts = [prompts[0][:shared] + p[shared:] for p in prompts]
+    results, written = decode_logits(loaded, prompts, shared)
     (logits, kv), (expected, expected_kv) = results[True], results[False]
     # The same next token, or in bf16 a near-tie: one the Python path scores within a rounding of its best.
     chosen = expected.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1)
@@ -104,7 +125,7 @@ def test_the_fused_step_computes_what_the_python_step_does(loaded, lengths: list
         # bf16 rounds each path's sums its own way: no closer to each other than either is to fp32.
         # Measured against the fp32 model's logits, both err alike (max 0.3-1.5, KL 2e-4 to 1e-2,
         # the fused path's KL at most 1.6x the Python path's); logits within 0.82 of each other.
-        ref = decode_logits(smollm2_model, prompts)[0][False][0]
+        ref = decode_logits(smollm2_model, prompts, shared)[0][False][0]
 
         def kl(ours: torch.Tensor) -> float:
             return F.kl_div(ours.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
@@ -121,7 +142,7 @@ def test_the_fused_step_computes_what_the_python_step_does(loaded, lengths: list
 
 def test_only_pure_decode_steps_take_the_fused_path(smollm2_engine_factory, monkeypatch) -> None:
     engine = smollm2_engine_factory(max_batch_tokens=64)
-    assert not engine.runner.cascade  # the fused step's attention is as fast: cascade is the Python path's
+    assert engine.runner.cascade_min == FUSED_CASCADE_MIN
     python_layers, steps = [], []
     plan_forward, prepare = LayerPlan.forward, engine.runner.prepare
 
