@@ -96,7 +96,6 @@ void rope_and_store_rows(T* qkv, const float* cos, const float* sin, T* k_cache,
   }
 }
 
-
 // e^x for x <= 0 (scores minus their maximum), in a form compilers vectorize: 2^(x log2 e) as 2^n 2^f,
 // n = round(x log2 e), |f| <= 1/2, 2^f by its degree-6 Taylor polynomial (relative error < 2e-7).
 inline float exp_nonpositive(float x) {
@@ -117,6 +116,7 @@ inline float exp_nonpositive(float x) {
 }
 
 inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
 inline float to_float(c10::BFloat16 x) {  // the bits, shifted: what c10's conversion does, vectorizable
   const uint32_t bits = uint32_t(x.x) << 16;
   float f;
@@ -124,7 +124,7 @@ inline float to_float(c10::BFloat16 x) {  // the bits, shifted: what c10's conve
   return f;
 }
 
-constexpr int64_t kMaxGroup = 16;  // query heads per KV head the paged kernel takes
+constexpr int64_t kMaxGroup = 16;  // query heads per KV head the paged kernel takes (GQA groups)
 
 // Decode attention straight from the paged caches [slots, KVH, D], no gathered copy: for each row b,
 // its KV head kh's G query heads (qkv [B, (H + 2 KVH) D], q heads first, head kh*G + g) against
@@ -230,7 +230,9 @@ class FusedDecoder {
       : heads_(num_heads), kv_heads_(num_kv_heads), head_dim_(head_dim), inter_(intermediate_size), eps_(eps) {
     const size_t n = norms.size() / 2;
     TORCH_CHECK(n > 0 && kinds.size() == 4 * n && tensors.size() == 16 * n && ints.size() == 8 * n, "spec sizes");
-    TORCH_CHECK(head_dim <= kMaxHeadDim && head_dim % 2 == 0 && num_heads % num_kv_heads == 0, "head shapes");
+    TORCH_CHECK(head_dim <= kMaxHeadDim && head_dim % 2 == 0 && num_heads % num_kv_heads == 0 &&
+                    num_heads / num_kv_heads <= kMaxGroup,
+                "head shapes");
     for (size_t i = 0; i < n; ++i) {
       auto mm = [&](size_t j) {
         size_t k = 4 * i + j;
@@ -243,8 +245,10 @@ class FusedDecoder {
 
   // x: [B, hidden], the embedded new token of each of B sequences; cos, sin: [B, 1, head_dim] fp32;
   // k_pool, v_pool: [layers, slots, kv_heads, head_dim]; slot_mapping: [B] int64, where each new
-  // token's K/V goes; kv_slots: [B, K] int64, every key of each row (padded); mask: [B, 1, 1, K] bool
-  // (True = attend) or None. Returns the residual stream after the last layer (before the final norm).
+  // token's K/V goes; kv_slots: [B, K] int64, every key of each row (padded) after the prefix_slots
+  // [P] int64 every row shares, if any (cascade); mask: [B, 1, 1, K] bool (True = attend), or an
+  // additive bias with a prefix, or None. Returns the residual stream after the last layer (before
+  // the final norm).
   at::Tensor forward(const at::Tensor& embedded, const at::Tensor& cos, const at::Tensor& sin,
                      const at::Tensor& k_pool, const at::Tensor& v_pool, const at::Tensor& slot_mapping,
                      const at::Tensor& kv_slots, const std::optional<at::Tensor>& mask,
@@ -256,8 +260,8 @@ class FusedDecoder {
                 "KV pools: contiguous, one entry a layer");
     TORCH_CHECK(k_pool.scalar_type() == embedded.scalar_type() && cos.scalar_type() == at::kFloat, "dtypes");
     TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && kv_slots.scalar_type() == at::kLong, "int64 slots");
-    const at::Tensor slots = kv_slots.reshape({-1}), targets = slot_mapping.contiguous();
-    const at::Tensor c = cos.contiguous(), s = sin.contiguous(), slot_table = kv_slots.contiguous();
+    const at::Tensor targets = slot_mapping.contiguous(), slot_table = kv_slots.contiguous();
+    const at::Tensor c = cos.contiguous(), s = sin.contiguous();
     // Keys per row: the mask's leading run of True (bool) or of 0 (an additive bias, as prepare builds
     // it for a cascade); ModelRunner.prepare pads each row's keys at its end.
     std::vector<int64_t> lengths(B, K);
@@ -267,9 +271,6 @@ class FusedDecoder {
       const bool* row = m.data_ptr<bool>();
       for (int64_t b = 0; b < B; ++b, row += K) lengths[b] = std::find(row, row + K, false) - row;
     }
-    const at::ScalarType dtype = embedded.scalar_type();
-    const bool paged = (dtype == at::kBFloat16 || dtype == at::kFloat) && H / KVH <= kMaxGroup;
-    TORCH_CHECK(paged || !prefix_slots, "a shared prefix needs the paged kernel (bf16 or fp32)");
     const at::Tensor none;
     at::Tensor x = embedded.clone(at::MemoryFormat::Contiguous);  // the residual stream, updated in place
     at::Tensor h = add_rms_norm(x, none, layers_[0].input_norm, eps_);
@@ -282,35 +283,27 @@ class FusedDecoder {
                                       k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
                                       targets.data_ptr<int64_t>(), B, H, KVH, D);
       });
-      at::Tensor out;
-      if (paged) {
-        at::Tensor prefix_out, prefix_lse;
-        if (prefix_slots) {  // cascade: the shared keys gathered once, every row's queries in one flash call
-          const int64_t G = H / KVH;
-          at::Tensor q = qkv.slice(1, 0, H * D).view({B, KVH, G, D}).transpose(0, 1).reshape({1, KVH, B * G, D});
-          at::Tensor pk = k_cache.index_select(0, *prefix_slots).transpose(0, 1).unsqueeze(0);  // [1, KVH, P, D]
-          at::Tensor pv = v_cache.index_select(0, *prefix_slots).transpose(0, 1).unsqueeze(0);
-          auto flash = at::_scaled_dot_product_flash_attention_for_cpu(q, pk, pv);
-          prefix_out = std::get<0>(flash).to(at::kFloat).contiguous();  // [1, KVH, B G, D]
-          prefix_lse = std::get<1>(flash).to(at::kFloat).contiguous();  // [1, KVH, B G]
-        }
-        out = at::empty({B, H * D}, qkv.options());
-        AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "paged_decode_attention", [&] {
-          auto attend = D == 64 ? paged_decode_attention<scalar_t, 64>
-                        : D == 128 ? paged_decode_attention<scalar_t, 128>
-                                   : paged_decode_attention<scalar_t, 0>;
-          attend(qkv.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
-                 slot_table.data_ptr<int64_t>(), lengths.data(),
-                 prefix_out.defined() ? prefix_out.data_ptr<float>() : nullptr,
-                 prefix_lse.defined() ? prefix_lse.data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), B, K, H,
-                 KVH, D);
-        });
-      } else {  // GQA without repeating K/V, as attention._decode: a KV head's G query heads are G rows
-        at::Tensor q = qkv.slice(1, 0, H * D).view({B, KVH, H / KVH, D});
-        at::Tensor keys = k_cache.index_select(0, slots).view({B, K, KVH, D}).transpose(1, 2);
-        at::Tensor values = v_cache.index_select(0, slots).view({B, K, KVH, D}).transpose(1, 2);
-        out = at::scaled_dot_product_attention(q, keys, values, mask).reshape({B, H * D});
+      at::Tensor prefix_out, prefix_lse;
+      if (prefix_slots) {  // cascade: the shared keys gathered once, every row's queries in one flash call
+        const int64_t G = H / KVH;
+        at::Tensor q = qkv.slice(1, 0, H * D).view({B, KVH, G, D}).transpose(0, 1).reshape({1, KVH, B * G, D});
+        at::Tensor pk = k_cache.index_select(0, *prefix_slots).transpose(0, 1).unsqueeze(0);  // [1, KVH, P, D]
+        at::Tensor pv = v_cache.index_select(0, *prefix_slots).transpose(0, 1).unsqueeze(0);
+        auto flash = at::_scaled_dot_product_flash_attention_for_cpu(q, pk, pv);
+        prefix_out = std::get<0>(flash).to(at::kFloat).contiguous();  // [1, KVH, B G, D]
+        prefix_lse = std::get<1>(flash).to(at::kFloat).contiguous();  // [1, KVH, B G]
       }
+      at::Tensor out = at::empty({B, H * D}, qkv.options());
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qkv.scalar_type(), "paged_decode_attention", [&] {
+        auto attend = D == 64 ? paged_decode_attention<scalar_t, 64>
+                      : D == 128 ? paged_decode_attention<scalar_t, 128>
+                                 : paged_decode_attention<scalar_t, 0>;
+        attend(qkv.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+               slot_table.data_ptr<int64_t>(), lengths.data(),
+               prefix_out.defined() ? prefix_out.data_ptr<float>() : nullptr,
+               prefix_lse.defined() ? prefix_lse.data_ptr<float>() : nullptr, out.data_ptr<scalar_t>(), B, K, H,
+               KVH, D);
+      });
       h = add_rms_norm(x, l.o(out), l.post_norm, eps_);
       at::Tensor gate_up = l.gate_up(h);
       at::Tensor act = at::silu(gate_up.slice(1, 0, inter_)) * gate_up.slice(1, inter_);

@@ -2,19 +2,22 @@
 
 At batch 1 the default 135M model's decode step is about 1,500 tensor ops of a few hundred numbers
 each, whose kernels take less time than Python spends between them: interpreter, argument parsing and
-dispatch, a few microseconds an op. The C++ loop calls the projections and the attention as
-``LayerPlan.forward`` does (the same ATen kernels) and does the rest itself: each RMSNorm with the
-residual add before it, the rotary embedding and the KV writes are one loop each instead of 5-7 ATen
-ops. The arithmetic is the Python path's, fp32 statistics and the same roundings to the activation
-dtype; only the norms' sums run in another order, so fp32 logits agree to ~1e-6 relative and bf16
-ones to a rounding (tests/engine/test_fused_decode.py). Measured on 2 cores, the batch-1 step is
-about 1.5x faster (docs/benchmarks.md).
+dispatch, a few microseconds an op. The C++ loop calls the projections as ``LayerPlan.forward`` does
+(the same ATen kernels) and does the rest itself: each RMSNorm with the residual add before it, the
+rotary embedding and the KV writes are one loop each instead of 5-7 ATen ops, and attention reads
+the paged KV pool directly (fp32 softmax; a long batch-1 context split across threads; a prefix
+every row shares through one flash-attention call for all of them, as attention._cascade). The
+arithmetic is the Python path's, fp32 statistics and the same roundings to the activation dtype,
+summed in other orders: fp32 logits agree to ~1e-6 relative and bf16 ones to a rounding or two
+(tests/engine/test_fused_decode.py). Measured on 2 cores, the batch-1 int4 step is 1.42x faster
+(docs/benchmarks.md).
 
 The extension is compiled when a model loads, through PyTorch's own ``torch.utils.cpp_extension``
 (the system's C++ compiler and ninja, ~45 s the first time), and cached on disk for later processes
 (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). Where it cannot build,
-``load_extension`` logs why once and the model keeps the Python path. Steps with prefill chunks and
-cascade steps take the Python path; CUDA decode steps replay CUDA graphs instead (decode_graphs.py).
+``load_extension`` logs why once and the model keeps the Python path, as it does for a model the
+C++ side does not take (see ``build``). Steps with prefill chunks take the Python path; CUDA decode
+steps replay CUDA graphs instead (decode_graphs.py).
 """
 
 from __future__ import annotations

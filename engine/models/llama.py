@@ -277,14 +277,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions)
         decode = batch.decode
-        fused = (
-            self.fused_decoder()
-            if self.fused_decode
-            and decode is not None
-            and decode.all_rows
-            and (decode.prefix_slots is None or x.dtype != torch.float16)  # its cascade: bf16 and fp32
-            else None
-        )
+        fused = self.fused_decoder() if self.fused_decode and decode is not None and decode.all_rows else None
         if fused is not None:
             x = fused.forward(
                 x, *rope, kv.k, kv.v, batch.slot_mapping, decode.kv_slots, decode.mask, decode.prefix_slots

@@ -28,7 +28,10 @@ from engine.models.quant_linear import quantized_kernels_available
 from engine.scheduler import Batch, ScheduledChunk
 from engine.sequence import Sequence
 
-pytestmark = pytest.mark.skipif(fused_decode.load_extension() is None, reason="the extension did not build")
+pytestmark = [  # every test here loads the real model
+    pytest.mark.slow,
+    pytest.mark.skipif(fused_decode.load_extension() is None, reason="the extension did not build"),
+]
 
 MODES = [("float32", "float"), ("bfloat16", "float"), ("bfloat16", "int4"), ("bfloat16", "int8")]
 
