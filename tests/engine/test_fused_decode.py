@@ -1,8 +1,9 @@
 """The fused CPU decode step (engine/models/fused_decode.cpp): every layer of a pure decode step in one
-C++ call, computing what the Python layer loop computes (to float rounding: its norms sum in another
-order) with every kind of projection the loader builds (dense bf16, int4 and int8 weight-only,
-oneDNN-packed fp32), taken only by pure decode steps, the same greedy tokens as the Python path, and
-an engine that decodes in Python where the extension cannot build."""
+C++ call, computing what the Python layer loop computes (to float rounding: its norms and attention
+sum in other orders) with every kind of projection the loader builds (dense bf16, int4 and int8
+weight-only, oneDNN-packed fp32) and with a shared prefix (cascade), taken only by pure decode steps,
+the same greedy tokens as the Python path, and an engine that decodes in Python where the extension
+cannot build or does not take the model."""
 
 from __future__ import annotations
 
