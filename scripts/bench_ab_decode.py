@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 
 def serve(root: str, weights: str, batch: int, context: int) -> None:
@@ -74,7 +77,13 @@ def main() -> None:
     for name, root in trees.items():
         cmd = [sys.executable, __file__, root, root, "--serve", root, "--weights", args.weights]
         cmd += ["--batch", str(args.batch), "--context", str(args.context)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
+        # Each tree compiles its own fused decode extension: one build directory for two sources would
+        # have the second tree rebuild it under the first one's running engine.
+        ext_dir = Path(tempfile.gettempdir(), "prefixgate-ab-ext", Path(root).resolve().as_posix().strip("/"))
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext_dir)}
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env
+        )
         while (line := proc.stdout.readline()) and line.strip() != "ready":
             pass
         if not line:
